@@ -1,0 +1,166 @@
+//! `check` and `explain` run as a process: output, exit codes, file and line.
+
+use std::path::Path;
+use std::process::Command;
+
+fn portcullis(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn check_valid_example() {
+    let (code, out, err) = portcullis(&["check", "-c", "config.toml"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("config.toml: valid"), "{out}");
+    assert!(out.contains("payments-api (line 52)"), "{out}");
+    assert!(out.contains("service entries: 5"), "{out}");
+}
+
+#[test]
+fn check_warns_on_trusting_the_client() {
+    let (code, out, _) = portcullis(&["check", "-c", "tests/fixtures/valid/trust_client.toml"]);
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("warning:") && out.contains("trusts the client's choice of IP"),
+        "{out}"
+    );
+    assert!(out.contains("trust_client.toml:4:"), "{out}");
+}
+
+#[test]
+fn check_invalid_names_file_line_and_key() {
+    let (code, out, err) =
+        portcullis(&["check", "-c", "tests/fixtures/invalid/duplicate_port.toml"]);
+    assert_eq!(code, 1);
+    assert!(out.is_empty());
+    assert_eq!(err.lines().count(), 1, "one sentence: {err}");
+    assert!(
+        err.starts_with("tests/fixtures/invalid/duplicate_port.toml:6: service_entry \"api.example.com\": key `ports`"),
+        "{err}"
+    );
+    let (code, _, err) = portcullis(&["check", "-c", "/nonexistent/portcullis.toml"]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("/nonexistent/portcullis.toml: cannot read"),
+        "{err}"
+    );
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    assert_eq!(portcullis(&["explain", "-c", "config.toml"]).0, 2);
+    assert_eq!(
+        portcullis(&["explain", "-c", "config.toml", "--dst", "nope"]).0,
+        2
+    );
+    assert_eq!(portcullis(&["frobnicate"]).0, 2);
+}
+
+#[test]
+fn explain_decisions() {
+    let (code, out, _) = portcullis(&[
+        "explain",
+        "-c",
+        "config.toml",
+        "--dst",
+        "192.0.2.10:443",
+        "--sni",
+        "API.Example.com.",
+    ]);
+    assert_eq!(code, 0);
+    assert!(out.contains("decision: allow"), "{out}");
+    assert!(
+        out.contains("entry: payments-api (config.toml:52)"),
+        "{out}"
+    );
+    assert!(out.contains("would resolve api.example.com"), "{out}");
+
+    let (_, out, _) = portcullis(&[
+        "explain",
+        "-c",
+        "config.toml",
+        "--dst",
+        "192.0.2.10:443",
+        "--sni",
+        "files.example.com",
+    ]);
+    assert!(
+        out.contains("decision: deny") && out.contains("reason: not_in_registry"),
+        "{out}"
+    );
+    assert!(out.contains("candidates on port 443"), "{out}");
+
+    let (_, out, _) = portcullis(&["explain", "-c", "config.toml", "--dst", "198.51.100.7:5432"]);
+    assert!(
+        out.contains("decision: allow") && out.contains("orders-db (config.toml:70)"),
+        "{out}"
+    );
+
+    let (_, out, _) = portcullis(&[
+        "explain",
+        "-c",
+        "config.toml",
+        "--dst",
+        "192.0.2.10:80",
+        "--host",
+        "a.files.example.com",
+    ]);
+    assert!(
+        out.contains("decision: allow") && out.contains("file-store"),
+        "{out}"
+    );
+
+    let (_, out, _) = portcullis(&[
+        "explain",
+        "-c",
+        "config.toml",
+        "--dst",
+        "192.0.2.10:443",
+        "--sni",
+        "192.0.2.10",
+    ]);
+    assert!(
+        out.contains("IP literal") && out.contains("reason: not_in_registry"),
+        "{out}"
+    );
+
+    let (_, out, _) = portcullis(&[
+        "explain",
+        "-c",
+        "config.toml",
+        "--dst",
+        "192.0.2.10:443",
+        "--sni",
+        "bad_name!",
+    ]);
+    assert!(out.contains("reason: malformed"), "{out}");
+
+    let (_, out, _) = portcullis(&["explain", "-c", "config.toml", "--dst", "192.0.2.25:587"]);
+    assert!(
+        out.contains("mail-relay") && out.contains("explain never resolves"),
+        "{out}"
+    );
+
+    let (_, out, _) = portcullis(&[
+        "explain",
+        "-c",
+        "config.toml",
+        "--dst",
+        "192.0.2.10:443",
+        "--sni",
+        "legacy.example.org",
+    ]);
+    assert!(out.contains("203.0.113.5:8443 (STATIC"), "{out}");
+    assert!(Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("config.toml")
+        .exists());
+}
