@@ -21,6 +21,32 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the proxy (a sidecar or a host daemon).
+    Run {
+        #[arg(short, long, default_value = DEFAULT_PATH)]
+        config: PathBuf,
+    },
+    /// Poll the health endpoint until ready: exit 0 ready, 1 timed out.
+    Wait {
+        #[arg(long, default_value = "http://127.0.0.1:15021/ready")]
+        url: String,
+        #[arg(long, default_value = "60s", value_parser = parse_duration)]
+        timeout: std::time::Duration,
+    },
+    /// Install the iptables rules of [redirect] (IPv4 and IPv6).
+    Init {
+        #[arg(short, long, default_value = DEFAULT_PATH)]
+        config: PathBuf,
+        /// Print the exact iptables-restore input (IPv4, then IPv6) and change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Remove every rule and chain portcullis owns, whatever the config says.
+        #[arg(long)]
+        cleanup: bool,
+        /// iptables backend: auto picks the one already holding rules, else nft.
+        #[arg(long, value_enum, default_value = "auto")]
+        backend: portcullis::init::BackendChoice,
+    },
     /// Validate a config file: prints a summary and warnings; exit 0 valid, 1 invalid.
     Check {
         #[arg(short, long, default_value = DEFAULT_PATH)]
@@ -49,9 +75,78 @@ fn load(path: &std::path::Path) -> Result<Arc<Config>, ExitCode> {
     })
 }
 
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    portcullis::config::parse_duration(s)
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("PORTCULLIS_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+}
+
+fn run_proxy(config: &std::path::Path) -> ExitCode {
+    init_tracing();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("portcullis: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match rt.block_on(portcullis::server::run(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Run { config } => run_proxy(&config),
+        Command::Wait { url, timeout } => match portcullis::wait::wait(&url, timeout) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("{e}");
+                ExitCode::from(1)
+            }
+        },
+        Command::Init {
+            config,
+            dry_run,
+            cleanup,
+            backend,
+        } => {
+            let opts = portcullis::init::Options {
+                config,
+                dry_run,
+                cleanup,
+                backend,
+            };
+            match portcullis::init::run(&opts) {
+                Ok(out) => {
+                    for note in &out.notes {
+                        eprintln!("portcullis init: {note}");
+                    }
+                    print!("{}", out.stdout);
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("portcullis init: {e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
         Command::Check { config } => match load(&config) {
             Ok(cfg) => {
                 print!("{}", portcullis::explain::summary(&cfg));

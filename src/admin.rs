@@ -1,0 +1,267 @@
+//! Observability stage, served: the `health` listener (`/ready`, `/metrics`
+//! for kubelet probes and Prometheus) and the local `admin` listener (also
+//! `/config` and `/denied`).
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use axum::extract::{Query, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use serde::Serialize;
+
+use crate::access_log::{timestamp, FlowRecord};
+use crate::config::Config;
+use crate::proxy::Shared;
+
+/// Most denied/audit records kept for `/denied`.
+const DENIED_MAX: usize = 1000;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, PartialOrd, Ord)]
+enum DeniedKey {
+    Name {
+        name: String,
+        port: u16,
+        protocol: &'static str,
+    },
+    Addr {
+        ip: std::net::IpAddr,
+        port: u16,
+        protocol: &'static str,
+    },
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct DeniedRecord {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ip: Option<std::net::IpAddr>,
+    pub port: u16,
+    pub protocol: &'static str,
+    pub decision: &'static str,
+    pub reason: Option<&'static str>,
+    pub count: u64,
+    pub last_seen: String,
+    #[serde(skip)]
+    seen: u64,
+}
+
+/// The recent denied and audit flows, bounded; the oldest is evicted.
+#[derive(Default)]
+pub struct Denied {
+    inner: Mutex<(HashMap<DeniedKey, DeniedRecord>, u64)>,
+}
+
+impl Denied {
+    /// Records a flow if it was denied or audited (loops and overload are
+    /// the proxy's own business, not the registry's).
+    pub fn record(&self, rec: &FlowRecord) {
+        if !matches!(rec.decision, "deny" | "audit")
+            || matches!(rec.reason, Some("loop") | Some("overload"))
+        {
+            return;
+        }
+        let Some(dst) = rec.dst else { return };
+        let key = match &rec.name {
+            Some(n) => DeniedKey::Name {
+                name: n.clone(),
+                port: dst.port(),
+                protocol: rec.protocol,
+            },
+            None => DeniedKey::Addr {
+                ip: dst.ip(),
+                port: dst.port(),
+                protocol: rec.protocol,
+            },
+        };
+        let Ok(mut g) = self.inner.lock() else { return };
+        let (map, clock) = &mut *g;
+        *clock += 1;
+        let seen = *clock;
+        if !map.contains_key(&key) && map.len() >= DENIED_MAX {
+            if let Some(oldest) = map
+                .iter()
+                .min_by_key(|(_, r)| r.seen)
+                .map(|(k, _)| k.clone())
+            {
+                map.remove(&oldest);
+            }
+        }
+        let e = map.entry(key).or_insert_with(|| DeniedRecord {
+            name: rec.name.clone(),
+            ip: if rec.name.is_none() {
+                Some(dst.ip())
+            } else {
+                None
+            },
+            port: dst.port(),
+            protocol: rec.protocol,
+            decision: rec.decision,
+            reason: rec.reason,
+            count: 0,
+            last_seen: String::new(),
+            seen,
+        });
+        e.count += 1;
+        e.seen = seen;
+        e.decision = rec.decision;
+        e.reason = rec.reason;
+        e.last_seen = timestamp(SystemTime::now());
+    }
+
+    pub fn snapshot(&self) -> Vec<DeniedRecord> {
+        let mut v: Vec<DeniedRecord> = match self.inner.lock() {
+            Ok(g) => g.0.values().cloned().collect(),
+            Err(_) => Vec::new(),
+        };
+        v.sort_by_key(|r| std::cmp::Reverse(r.seen));
+        v
+    }
+}
+
+/// `/denied?format=toml`: `[[service_entry]]` blocks ready to paste, one per
+/// name covering all its ports; nameless flows as TCP entries by address;
+/// names already in the registry skipped.
+pub fn denied_toml(records: &[DeniedRecord], cfg: &Config) -> String {
+    let mut out = String::from(
+        "# Flows portcullis denied (or, in audit mode, let through) recently.\n\
+         # Audit output lists whatever the workload contacted: review every entry before pasting it.\n",
+    );
+    let registry_names: Vec<&crate::name::HostPattern> =
+        cfg.entries.iter().flat_map(|e| e.hosts.iter()).collect();
+    let mut by_name: std::collections::BTreeMap<String, Vec<(u16, &'static str)>> =
+        Default::default();
+    let mut by_addr: std::collections::BTreeMap<(String, u16), ()> = Default::default();
+    for r in records {
+        match (&r.name, r.ip) {
+            (Some(n), _) => {
+                if registry_names.iter().any(|h| h.to_string() == *n) {
+                    continue;
+                }
+                let proto = match r.protocol {
+                    "tls" => "TLS",
+                    "http" => "HTTP",
+                    _ => "TCP",
+                };
+                let ports = by_name.entry(n.clone()).or_default();
+                if !ports.iter().any(|(p, _)| *p == r.port) {
+                    ports.push((r.port, proto));
+                }
+            }
+            (None, Some(ip)) => {
+                by_addr.insert((ip.to_string(), r.port), ());
+            }
+            _ => {}
+        }
+    }
+    for (name, mut ports) in by_name {
+        ports.sort();
+        let _ = writeln!(out, "\n[[service_entry]]\nhosts = [\"{name}\"]");
+        let ps: Vec<String> = ports
+            .iter()
+            .map(|(p, proto)| format!("{{ number = {p}, protocol = \"{proto}\" }}"))
+            .collect();
+        let _ = writeln!(out, "ports = [{}]", ps.join(", "));
+        if ports.iter().any(|(_, proto)| *proto == "TCP") {
+            let _ = writeln!(out, "resolution = \"DNS\"");
+        }
+    }
+    for ((ip, port), ()) in by_addr {
+        let prefix = if ip.contains(':') { 128 } else { 32 };
+        let _ = writeln!(
+            out,
+            "\n[[service_entry]]\nname = \"tcp-{}-{port}\"\naddresses = [\"{ip}/{prefix}\"]\nports = [{{ number = {port}, protocol = \"TCP\" }}]",
+            ip.replace([':', '.'], "-")
+        );
+    }
+    out
+}
+
+async fn ready(State(s): State<Arc<Shared>>) -> Response {
+    if s.ready() {
+        (StatusCode::OK, "ready\n").into_response()
+    } else if s.draining.load(std::sync::atomic::Ordering::Acquire) {
+        (StatusCode::SERVICE_UNAVAILABLE, "draining\n").into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "starting\n").into_response()
+    }
+}
+
+async fn metrics(State(s): State<Arc<Shared>>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        s.metrics.render(),
+    )
+        .into_response()
+}
+
+async fn config(State(s): State<Arc<Shared>>) -> Response {
+    let gen = s.generation();
+    let status = s.reload_status();
+    let body = serde_json::json!({
+        "config": gen.config(),
+        "reload": status,
+    });
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        serde_json::to_string_pretty(&body).unwrap_or_default(),
+    )
+        .into_response()
+}
+
+async fn denied(
+    State(s): State<Arc<Shared>>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
+    let records = s.denied.snapshot();
+    if q.get("format").map(String::as_str) == Some("toml") {
+        let gen = s.generation();
+        return (
+            [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+            denied_toml(&records, gen.config()),
+        )
+            .into_response();
+    }
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        serde_json::to_string_pretty(&records).unwrap_or_default(),
+    )
+        .into_response()
+}
+
+/// Binds and serves `health` and `admin` (each may be "off").
+pub async fn spawn(shared: Arc<Shared>, cfg: &Config) -> std::io::Result<()> {
+    if let Some(addr) = cfg.proxy.health {
+        let app = Router::new()
+            .route("/ready", get(ready))
+            .route("/metrics", get(metrics))
+            .with_state(shared.clone());
+        let l = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+            std::io::Error::new(e.kind(), format!("cannot listen on health {addr}: {e}"))
+        })?;
+        tracing::info!(%addr, "health endpoint");
+        tokio::spawn(async move { axum::serve(l, app).await });
+    }
+    if let Some(addr) = cfg.proxy.admin {
+        let app = Router::new()
+            .route("/ready", get(ready))
+            .route("/metrics", get(metrics))
+            .route("/config", get(config))
+            .route("/denied", get(denied))
+            .with_state(shared.clone());
+        let l = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+            std::io::Error::new(e.kind(), format!("cannot listen on admin {addr}: {e}"))
+        })?;
+        tracing::info!(%addr, "admin endpoint");
+        tokio::spawn(async move { axum::serve(l, app).await });
+    }
+    Ok(())
+}

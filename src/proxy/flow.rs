@@ -1,0 +1,594 @@
+//! The life of one flow: original destination and loop guard, detection,
+//! decision, upstream, relay, and the one access-log line at its end.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::Instant as TokioInstant;
+
+use crate::access_log::{timestamp, FlowRecord};
+use crate::detect::{Detector, Protocol, Step};
+use crate::metrics::ConnLabels;
+use crate::net::{canonical_addr, OrigDst};
+use crate::proxy::deny;
+use crate::proxy::upstream::ConnectError;
+use crate::proxy::{Generation, Shared};
+use crate::registry::{Decision, DetectPlan, FlowFacts, FlowProtocol, Reason, Registry, Verdict};
+use crate::relay::{Counters, Direction, RelayEnd};
+
+/// What detection learnt from the client's first bytes.
+struct Detection {
+    /// Every byte read from the client so far: written upstream first.
+    buf: Vec<u8>,
+    protocol: FlowProtocol,
+    name: Option<String>,
+    ech: bool,
+    failure: Option<Reason>,
+    /// The client went away or failed during detection.
+    client_error: Option<String>,
+}
+
+/// Per-flow accounting, turned into the access-log line and metrics.
+struct Flow {
+    started: Instant,
+    rec: FlowRecord,
+    counted: bool,
+}
+
+impl Flow {
+    fn new(client: SocketAddr) -> Flow {
+        Flow {
+            started: Instant::now(),
+            rec: FlowRecord {
+                ts: String::new(),
+                client: canonical_addr(client),
+                dst: None,
+                upstream: None,
+                protocol: "tcp",
+                name: None,
+                decision: "deny",
+                entry: None,
+                reason: None,
+                ech: false,
+                bytes_up: 0,
+                bytes_down: 0,
+                duration_ms: 0,
+                error: None,
+            },
+            counted: false,
+        }
+    }
+
+    /// Records the verdict and counts the flow in `portcullis_connections_total`.
+    fn decided(&mut self, shared: &Shared, reg: &Registry, v: &Verdict) {
+        self.rec.decision = v.decision.as_str();
+        self.rec.reason = v.reason.map(|r| r.as_str());
+        let label = reg.entry_label(v).to_string();
+        self.rec.entry = v.entry.map(|_| label.clone());
+        if !self.counted {
+            self.counted = true;
+            shared
+                .metrics
+                .connections
+                .get_or_create(&ConnLabels {
+                    decision: v.decision.as_str(),
+                    protocol: self.rec.protocol,
+                    entry: label,
+                    reason: v.reason.map(|r| r.as_str()).unwrap_or(""),
+                })
+                .inc();
+        }
+    }
+
+    fn finish(mut self, shared: &Shared, counters: &Counters) {
+        self.rec.bytes_up = counters.up();
+        self.rec.bytes_down = counters.down();
+        self.rec.duration_ms = self.started.elapsed().as_millis() as u64;
+        self.rec.ts = timestamp(SystemTime::now());
+        shared.log(&self.rec);
+    }
+}
+
+fn guess_protocol(buf: &[u8]) -> FlowProtocol {
+    match buf.first() {
+        Some(0x16) => FlowProtocol::Tls,
+        Some(b) if b.is_ascii_uppercase() => FlowProtocol::Http,
+        _ => FlowProtocol::Tcp,
+    }
+}
+
+fn flow_protocol(p: Protocol) -> FlowProtocol {
+    match p {
+        Protocol::Tls => FlowProtocol::Tls,
+        Protocol::Http => FlowProtocol::Http,
+        Protocol::Opaque => FlowProtocol::Tcp,
+    }
+}
+
+/// Handles one accepted connection to its end.
+pub async fn handle(shared: Arc<Shared>, client: TcpStream, peer: SocketAddr, local: SocketAddr) {
+    let gen = shared.generation();
+    let mut flow = Flow::new(peer);
+    let counters = Counters::new();
+    let reg = &gen.registry;
+
+    // Step 1: the loop guard.
+    let dst = match crate::sys::original_dst(&client, local) {
+        Some(d) if canonical_addr(d) != canonical_addr(local) => OrigDst::new(d),
+        _ => {
+            let v = Registry::loop_verdict();
+            flow.decided(&shared, reg, &v);
+            deny::reset(client);
+            flow.rec.error = Some("not redirected: connected straight to the listener".into());
+            flow.finish(&shared, &counters);
+            return;
+        }
+    };
+    flow.rec.dst = Some(dst.0);
+    if shared.dialer.own.is_loop(peer, dst.0) {
+        let v = Registry::loop_verdict();
+        flow.decided(&shared, reg, &v);
+        deny::reset(client);
+        flow.rec.error = Some(
+            "the proxy's own upstream connection came back: is proxy_uid/mark excluded?".into(),
+        );
+        flow.finish(&shared, &counters);
+        return;
+    }
+
+    // Step 3: a TCP entry that admits D.ip decides at once.
+    if let Some(v) = reg.decide_by_address(dst, &*gen.resolved) {
+        flow.decided(&shared, reg, &v);
+        connect_and_relay(
+            &shared,
+            &gen,
+            client,
+            dst,
+            v,
+            Vec::new(),
+            FlowProtocol::Tcp,
+            None,
+            &mut flow,
+            &counters,
+        )
+        .await;
+        flow.finish(&shared, &counters);
+        return;
+    }
+
+    let plan = reg.detect_plan(dst);
+    let mut client = client;
+    let det = if plan == DetectPlan::ConnectFirst {
+        // ALLOW_ANY on a port without TLS/HTTP entries: the server may
+        // speak first, so connect now and relay its bytes at once.
+        let v = reg.refuse(Reason::NotInRegistry, dst);
+        let addrs = vec![dst.0];
+        let up = match shared
+            .dialer
+            .connect(&addrs, gen.config().proxy.connect_timeout)
+            .await
+        {
+            Ok(c) => c,
+            Err(e) => {
+                flow.decided(&shared, reg, &v);
+                upstream_failed(&shared, reg, &v, client, FlowProtocol::Tcp, e, &mut flow).await;
+                flow.finish(&shared, &counters);
+                return;
+            }
+        };
+        flow.rec.upstream = Some(up.addr);
+        let crate::proxy::upstream::Connected {
+            stream: mut up_stream,
+            addr: _,
+            guard: _guard,
+        } = up;
+        let det = detect(
+            &shared,
+            &gen,
+            &mut client,
+            plan,
+            Some((&mut up_stream, &counters)),
+        )
+        .await;
+        flow.rec.protocol = det.protocol.as_str();
+        flow.rec.name = det.name.clone();
+        flow.rec.ech = det.ech;
+        let v = reg.decide(
+            &FlowFacts {
+                dst,
+                protocol: det.protocol,
+                name: det.name.as_deref(),
+                detect_failure: det.failure,
+            },
+            &*gen.resolved,
+        );
+        flow.decided(&shared, reg, &v);
+        if let Some(e) = det.client_error {
+            flow.rec.error = Some(e);
+            deny::reset(client);
+            flow.finish(&shared, &counters);
+            return;
+        }
+        let entry = reg.entry_label(&v).to_string();
+        write_and_relay(
+            &shared, &gen, client, up_stream, &det.buf, &entry, &mut flow, &counters,
+        )
+        .await;
+        flow.finish(&shared, &counters);
+        return;
+    } else {
+        detect(&shared, &gen, &mut client, plan, None).await
+    };
+
+    flow.rec.protocol = det.protocol.as_str();
+    flow.rec.name = det.name.clone();
+    flow.rec.ech = det.ech;
+    if let Some(e) = det.client_error {
+        // The client left before we could decide; nothing to answer.
+        let v = reg.refuse(det.failure.unwrap_or(Reason::Malformed), dst);
+        flow.decided(&shared, reg, &v);
+        flow.rec.error = Some(e);
+        flow.finish(&shared, &counters);
+        return;
+    }
+    let v = reg.decide(
+        &FlowFacts {
+            dst,
+            protocol: det.protocol,
+            name: det.name.as_deref(),
+            detect_failure: det.failure,
+        },
+        &*gen.resolved,
+    );
+    if v.decision == Decision::Deny {
+        flow.decided(&shared, reg, &v);
+        deny::deny(
+            client,
+            det.protocol,
+            det.name.as_deref(),
+            dst.port(),
+            v.reason.unwrap_or(Reason::NotInRegistry),
+        )
+        .await;
+        flow.finish(&shared, &counters);
+        return;
+    }
+    let protocol = det.protocol;
+    let name = det.name.clone();
+    connect_and_relay(
+        &shared,
+        &gen,
+        client,
+        dst,
+        v,
+        det.buf,
+        protocol,
+        name.as_deref(),
+        &mut flow,
+        &counters,
+    )
+    .await;
+    flow.finish(&shared, &counters);
+}
+
+/// Reads the client's first bytes until the detector decides, the deadline
+/// passes, or the client leaves. With `upstream` (ALLOW_ANY, server-first
+/// capable ports), the server's bytes are relayed to the client meanwhile.
+async fn detect(
+    shared: &Shared,
+    gen: &Generation,
+    client: &mut TcpStream,
+    plan: DetectPlan,
+    mut upstream: Option<(&mut TcpStream, &Counters)>,
+) -> Detection {
+    let cfg = gen.config();
+    let start = TokioInstant::now();
+    let hello_deadline = start + cfg.proxy.hello_timeout;
+    let first_deadline = match plan {
+        DetectPlan::Hello => hello_deadline,
+        _ => start + cfg.proxy.first_byte_timeout,
+    };
+    let mut detector = Detector::new();
+    let mut buf: Vec<u8> = Vec::with_capacity(2048);
+    let mut down_buf: Vec<u8> = Vec::new();
+    let mut upstream_open = upstream.is_some();
+    let done = |d: Detection, detector: &Detector| {
+        shared.metrics.detect_examined.inc_by(detector.examined());
+        shared
+            .metrics
+            .detect_seconds
+            .observe(start.elapsed().as_secs_f64());
+        d
+    };
+    loop {
+        let deadline = if buf.is_empty() {
+            first_deadline
+        } else {
+            hello_deadline
+        };
+        if buf.len() >= crate::detect::MAX_HEAD + 16 * 1024 {
+            // The detector says TooLarge before this; a guard all the same.
+            let d = Detection {
+                protocol: guess_protocol(&buf),
+                buf,
+                name: None,
+                ech: false,
+                failure: Some(Reason::TooLarge),
+                client_error: None,
+            };
+            return done(d, &detector);
+        }
+        buf.reserve(16 * 1024);
+        let read = tokio::select! {
+            r = client.read_buf(&mut buf) => Some(r),
+            r = async {
+                match upstream.as_mut() {
+                    Some((up, _)) if upstream_open => {
+                        if down_buf.capacity() == 0 {
+                            down_buf.reserve(16 * 1024);
+                        }
+                        down_buf.clear();
+                        up.read_buf(&mut down_buf).await
+                    }
+                    _ => std::future::pending().await,
+                }
+            } => {
+                match r {
+                    Ok(0) | Err(_) => {
+                        upstream_open = false;
+                    }
+                    Ok(n) => {
+                        if client.write_all(&down_buf[..n]).await.is_err() {
+                            let d = Detection { protocol: guess_protocol(&buf), buf, name: None, ech: false, failure: None, client_error: Some("client_reset".into()) };
+                            return done(d, &detector);
+                        }
+                        if let Some((_, c)) = upstream.as_ref() {
+                            c.down.fetch_add(n as u64, Ordering::Relaxed);
+                        }
+                    }
+                }
+                None
+            }
+            _ = tokio::time::sleep_until(deadline) => {
+                let d = if buf.is_empty() && plan != DetectPlan::Hello {
+                    // ALLOW_ANY / audit: a silent client is opaque.
+                    Detection { buf, protocol: FlowProtocol::Tcp, name: None, ech: false, failure: None, client_error: None }
+                } else {
+                    Detection { protocol: guess_protocol(&buf), buf, name: None, ech: false, failure: Some(Reason::Timeout), client_error: None }
+                };
+                return done(d, &detector);
+            }
+        };
+        let Some(read) = read else { continue };
+        let n = match read {
+            Ok(0) => {
+                // EOF: nothing at all is an opaque (empty) flow; a partial
+                // hello or head is malformed.
+                let d = if buf.is_empty() {
+                    Detection {
+                        buf,
+                        protocol: FlowProtocol::Tcp,
+                        name: None,
+                        ech: false,
+                        failure: None,
+                        client_error: None,
+                    }
+                } else {
+                    Detection {
+                        protocol: guess_protocol(&buf),
+                        buf,
+                        name: None,
+                        ech: false,
+                        failure: Some(Reason::Malformed),
+                        client_error: None,
+                    }
+                };
+                return done(d, &detector);
+            }
+            Ok(n) => n,
+            Err(e) => {
+                let d = Detection {
+                    protocol: guess_protocol(&buf),
+                    buf,
+                    name: None,
+                    ech: false,
+                    failure: None,
+                    client_error: Some(format!("client: {e}")),
+                };
+                return done(d, &detector);
+            }
+        };
+        let from = buf.len() - n;
+        let step = detector.push(&buf[from..]);
+        let d = match step {
+            Step::NeedMore { .. } => continue,
+            Step::Done(found) => Detection {
+                buf,
+                protocol: flow_protocol(found.protocol),
+                name: found.name,
+                ech: found.ech,
+                failure: None,
+                client_error: None,
+            },
+            Step::Malformed(m) => {
+                tracing::debug!(error = %m, "malformed first flight");
+                Detection {
+                    protocol: guess_protocol(&buf),
+                    buf,
+                    name: None,
+                    ech: false,
+                    failure: Some(Reason::Malformed),
+                    client_error: None,
+                }
+            }
+            Step::TooLarge => Detection {
+                protocol: guess_protocol(&buf),
+                buf,
+                name: None,
+                ech: false,
+                failure: Some(Reason::TooLarge),
+                client_error: None,
+            },
+        };
+        return done(d, &detector);
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn connect_and_relay(
+    shared: &Shared,
+    gen: &Generation,
+    client: TcpStream,
+    dst: OrigDst,
+    v: Verdict,
+    first: Vec<u8>,
+    protocol: FlowProtocol,
+    name: Option<&str>,
+    flow: &mut Flow,
+    counters: &Counters,
+) {
+    let reg = &gen.registry;
+    let cfg = gen.config();
+    let Some(plan) = v.upstream.clone() else {
+        flow.decided(shared, reg, &v);
+        deny::deny(
+            client,
+            protocol,
+            name,
+            dst.port(),
+            v.reason.unwrap_or(Reason::NotInRegistry),
+        )
+        .await;
+        return;
+    };
+    let (v, addrs) = match shared.dialer.candidates(&plan).await {
+        Ok(a) => (v, a),
+        Err(_) => {
+            // The name resolves to nothing: deny `dns`, or pass to D
+            // under audit / ALLOW_ANY.
+            let v2 = reg.dns_failed(dst);
+            if v2.decision == Decision::Deny {
+                flow.decided(shared, reg, &v2);
+                deny::deny(client, protocol, name, dst.port(), Reason::Dns).await;
+                return;
+            }
+            (v2, vec![dst.0])
+        }
+    };
+    flow.decided(shared, reg, &v);
+    let up = match shared
+        .dialer
+        .connect(&addrs, cfg.proxy.connect_timeout)
+        .await
+    {
+        Ok(c) => c,
+        Err(e) => {
+            upstream_failed(shared, reg, &v, client, protocol, e, flow).await;
+            return;
+        }
+    };
+    flow.rec.upstream = Some(up.addr);
+    let entry = reg.entry_label(&v).to_string();
+    let crate::proxy::upstream::Connected {
+        stream,
+        addr: _,
+        guard: _guard,
+    } = up;
+    write_and_relay(shared, gen, client, stream, &first, &entry, flow, counters).await;
+}
+
+/// Writes the bytes read during detection upstream, then relays until the
+/// flow ends. Bytes are counted as they move, errors included.
+#[allow(clippy::too_many_arguments)]
+async fn write_and_relay(
+    shared: &Shared,
+    gen: &Generation,
+    client: TcpStream,
+    mut upstream: TcpStream,
+    first: &[u8],
+    entry: &str,
+    flow: &mut Flow,
+    counters: &Counters,
+) {
+    let (up_counter, down_counter) = shared.metrics.byte_counters(entry);
+    if !first.is_empty() {
+        if let Err(e) = upstream.write_all(first).await {
+            flow.rec.error = Some(format!("upstream: {e}"));
+            deny::reset(client);
+            deny::reset(upstream);
+            return;
+        }
+        counters.up.fetch_add(first.len() as u64, Ordering::Relaxed);
+        up_counter.inc_by(first.len() as u64);
+    }
+    let relay = crate::relay::relay_with(
+        shared.relay_mode,
+        client,
+        upstream,
+        &shared.pipes,
+        counters,
+        gen.config().proxy.idle_timeout,
+        |dir, n| match dir {
+            Direction::Up => {
+                up_counter.inc_by(n);
+            }
+            Direction::Down => {
+                down_counter.inc_by(n);
+            }
+        },
+    );
+    // revoke_on_reload: a reload that removed this flow's entry closes it
+    // after drain_timeout.
+    let mut revocations = shared.revocations();
+    let revoked = async {
+        loop {
+            let r = revocations.borrow_and_update().clone();
+            if let Some(at) = r.at {
+                if r.removed.contains(entry) {
+                    tokio::time::sleep_until(at).await;
+                    return;
+                }
+            }
+            if revocations.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    let end = tokio::select! {
+        end = relay => end,
+        () = revoked => {
+            flow.rec.error = Some("revoked: the entry was removed by a reload".into());
+            return;
+        }
+    };
+    if !matches!(end, RelayEnd::Done) {
+        flow.rec.error = Some(end.to_string());
+    }
+}
+
+async fn upstream_failed(
+    shared: &Shared,
+    reg: &Registry,
+    v: &Verdict,
+    client: TcpStream,
+    protocol: FlowProtocol,
+    e: ConnectError,
+    flow: &mut Flow,
+) {
+    flow.rec.error = Some(e.as_str().to_string());
+    shared
+        .metrics
+        .connect_errors
+        .get_or_create(&crate::metrics::EntryLabel {
+            entry: reg.entry_label(v).to_string(),
+        })
+        .inc();
+    match protocol {
+        FlowProtocol::Http => deny::answer_and_close(client, &deny::http_502()).await,
+        _ => deny::reset(client),
+    }
+}

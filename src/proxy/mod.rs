@@ -1,0 +1,371 @@
+//! Accept stage: listeners, the shared state every flow reads (the current
+//! config generation, metrics, the dialer, the pipe pool), the connection
+//! limit, and the background resolution of DNS TCP entries.
+
+pub mod deny;
+pub mod flow;
+pub mod upstream;
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::net::TcpListener;
+
+use crate::access_log::{timestamp, AccessLogger, FlowRecord};
+use crate::config::{Config, MaxConnections};
+use crate::metrics::{ConnLabels, Metrics};
+use crate::registry::{Registry, ResolvedAddrs};
+use crate::relay::{PipePool, RelayMode};
+use crate::reload::{ReloadStatus, Revocation};
+use upstream::{Dialer, Resolved, Resolver};
+
+/// Addresses of DNS-resolved TCP entries, refreshed in the background.
+#[derive(Default)]
+pub struct TcpResolved {
+    /// entry index -> (address, last time an answer held it)
+    map: RwLock<HashMap<usize, Vec<(IpAddr, Instant)>>>,
+    /// Entries whose hosts have had one resolution attempt (pass or fail).
+    attempted: AtomicUsize,
+    /// Set when a reload replaced this generation: its resolver tasks stop.
+    retired: AtomicBool,
+}
+
+/// An address that vanished from the answers is kept this long.
+const KEEP_VANISHED: Duration = Duration::from_secs(300);
+
+impl ResolvedAddrs for TcpResolved {
+    fn contains(&self, entry: usize, ip: IpAddr) -> bool {
+        self.map
+            .read()
+            .map(|m| {
+                m.get(&entry)
+                    .is_some_and(|v| v.iter().any(|(a, _)| *a == ip))
+            })
+            .unwrap_or(false)
+    }
+}
+
+/// One config generation: a reload builds a new one and swaps it in; flows
+/// keep the generation they started with.
+pub struct Generation {
+    pub registry: Registry,
+    pub resolved: Arc<TcpResolved>,
+    dns_entries: usize,
+}
+
+impl Generation {
+    pub fn new(config: Arc<Config>) -> Generation {
+        let registry = Registry::new(config);
+        let dns_entries = registry.dns_tcp_entries().len();
+        Generation {
+            registry,
+            resolved: Arc::new(TcpResolved::default()),
+            dns_entries,
+        }
+    }
+    pub fn config(&self) -> &Config {
+        &self.registry.config
+    }
+    /// Every DNS TCP entry's hosts have had one resolution attempt.
+    pub fn resolution_attempted(&self) -> bool {
+        self.resolved.attempted.load(Ordering::Acquire) >= self.dns_entries
+    }
+}
+
+pub struct Shared {
+    current: RwLock<Arc<Generation>>,
+    pub metrics: Metrics,
+    pub access_log: AccessLogger,
+    pub dialer: Dialer,
+    pub pipes: Arc<PipePool>,
+    pub relay_mode: RelayMode,
+    pub active: AtomicUsize,
+    pub max_connections: usize,
+    /// SIGTERM received: /ready says 503, flows are still served.
+    pub draining: AtomicBool,
+    /// Listeners are bound.
+    pub listening: AtomicBool,
+    pub denied: crate::admin::Denied,
+    /// The config the process started with (what `init` installed, what
+    /// the listeners were bound from).
+    started: Arc<Config>,
+    reload_status: Mutex<ReloadStatus>,
+    revocation: tokio::sync::watch::Sender<Revocation>,
+}
+
+impl Shared {
+    pub fn generation(&self) -> Arc<Generation> {
+        match self.current.read() {
+            Ok(g) => g.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    /// Swaps in a new generation for new flows; retires the old one's
+    /// background resolution.
+    pub fn install(self: &Arc<Self>, gen: Arc<Generation>) {
+        let old = match self.current.write() {
+            Ok(mut g) => std::mem::replace(&mut *g, gen.clone()),
+            Err(p) => std::mem::replace(&mut *p.into_inner(), gen.clone()),
+        };
+        old.resolved.retired.store(true, Ordering::Release);
+        spawn_tcp_resolution(self.clone(), gen);
+    }
+
+    /// The access-log line of a finished flow, and its `/denied` record.
+    pub fn log(&self, rec: &FlowRecord) {
+        self.access_log.log(rec);
+        self.denied.record(rec);
+    }
+
+    pub fn started_config(&self) -> Arc<Config> {
+        self.started.clone()
+    }
+
+    pub fn reload_status(&self) -> ReloadStatus {
+        self.reload_status
+            .lock()
+            .map(|s| s.clone())
+            .unwrap_or_default()
+    }
+
+    pub fn set_reload_status(&self, f: impl FnOnce(&mut ReloadStatus)) {
+        if let Ok(mut s) = self.reload_status.lock() {
+            f(&mut s);
+        }
+    }
+
+    pub fn revoke(&self, r: Revocation) {
+        self.revocation.send_replace(r);
+    }
+
+    pub fn revocations(&self) -> tokio::sync::watch::Receiver<Revocation> {
+        self.revocation.subscribe()
+    }
+
+    pub fn ready(&self) -> bool {
+        self.listening.load(Ordering::Acquire)
+            && !self.draining.load(Ordering::Acquire)
+            && self.generation().resolution_attempted()
+    }
+}
+
+/// Pipes in the pool: enough for the flows that move bytes at once, bounded
+/// so fds and the unprivileged pipe-buffer quota (64 MiB) hold.
+pub const MAX_PIPES: usize = 256;
+pub const PIPE_SIZE: usize = 256 * 1024;
+
+impl Shared {
+    pub fn new(config: Arc<Config>) -> io::Result<Arc<Shared>> {
+        let nofile = crate::sys::raise_nofile();
+        let max_connections = match config.proxy.max_connections {
+            MaxConnections::Fixed(n) => n,
+            MaxConnections::Auto => crate::sys::auto_max_connections(nofile, MAX_PIPES),
+        };
+        let metrics = Metrics::new();
+        let access_log = AccessLogger::new(&config.proxy.access_log, metrics.log_dropped.clone())?;
+        // PORTCULLIS_RELAY=copy|copy:BYTES|splice: for benchmarks only.
+        let relay_mode = std::env::var("PORTCULLIS_RELAY")
+            .ok()
+            .and_then(|v| v.parse::<RelayMode>().ok())
+            .unwrap_or_default();
+        let shared = Arc::new(Shared {
+            current: RwLock::new(Arc::new(Generation::new(config.clone()))),
+            metrics,
+            access_log,
+            dialer: Dialer {
+                resolver: Resolver::new(),
+                own: Default::default(),
+                mark: config.redirect.mark,
+            },
+            pipes: PipePool::new(MAX_PIPES, PIPE_SIZE),
+            relay_mode,
+            active: AtomicUsize::new(0),
+            max_connections,
+            draining: AtomicBool::new(false),
+            listening: AtomicBool::new(false),
+            denied: Default::default(),
+            started: config,
+            reload_status: Mutex::new(ReloadStatus::default()),
+            revocation: tokio::sync::watch::Sender::new(Revocation::default()),
+        });
+        tracing::info!(max_connections, nofile, "limits");
+        Ok(shared)
+    }
+}
+
+/// Binds every `listen` address. IPv6 listeners are IPV6_V6ONLY (so the
+/// listener's family decides how to read SO_ORIGINAL_DST); an IPv6 address
+/// that cannot be bound because IPv6 is off is a warning, not a failure.
+pub fn bind_listeners(addrs: &[SocketAddr]) -> io::Result<Vec<TcpListener>> {
+    let mut out = Vec::new();
+    for addr in addrs {
+        match bind_one(*addr) {
+            Ok(l) => out.push(l),
+            Err(e)
+                if addr.is_ipv6()
+                    && matches!(
+                        e.raw_os_error(),
+                        Some(libc::EADDRNOTAVAIL) | Some(libc::EAFNOSUPPORT)
+                    ) =>
+            {
+                tracing::warn!(%addr, error = %e, "IPv6 listener not bound (IPv6 disabled?): continuing without it");
+            }
+            Err(e) => {
+                return Err(io::Error::new(
+                    e.kind(),
+                    format!("cannot listen on {addr}: {e}"),
+                ))
+            }
+        }
+    }
+    if out.is_empty() {
+        return Err(io::Error::other("no listen address could be bound"));
+    }
+    Ok(out)
+}
+
+fn bind_one(addr: SocketAddr) -> io::Result<TcpListener> {
+    let sock = Socket::new(
+        Domain::for_address(addr),
+        Type::STREAM.nonblocking().cloexec(),
+        Some(Protocol::TCP),
+    )?;
+    sock.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        sock.set_only_v6(true)?;
+    }
+    sock.bind(&addr.into())?;
+    sock.listen(4096)?;
+    TcpListener::from_std(std::net::TcpListener::from(sock))
+}
+
+/// Decrements the active-flow count however the flow task ends.
+struct ActiveGuard(Arc<Shared>);
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::AcqRel);
+        self.0.metrics.active.dec();
+    }
+}
+
+/// Accepts until the process exits. Accept errors (EMFILE and the like) are
+/// logged, counted and backed off instead of spinning or exiting.
+pub async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
+    let local = match listener.local_addr() {
+        Ok(a) => a,
+        Err(_) => return,
+    };
+    let mut last_warn: Option<Instant> = None;
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                if shared.active.load(Ordering::Acquire) >= shared.max_connections {
+                    overload(&shared, stream, peer);
+                    continue;
+                }
+                shared.active.fetch_add(1, Ordering::AcqRel);
+                shared.metrics.active.inc();
+                let guard = ActiveGuard(shared.clone());
+                let s = shared.clone();
+                tokio::spawn(async move {
+                    let _guard = guard;
+                    let _ = stream.set_nodelay(true);
+                    flow::handle(s, stream, peer, local).await;
+                });
+            }
+            Err(e) => {
+                shared.metrics.accept_errors.inc();
+                if last_warn.is_none_or(|t| t.elapsed() > Duration::from_secs(5)) {
+                    tracing::warn!(%local, error = %e, "accept failed (file descriptors exhausted?): backing off");
+                    last_warn = Some(Instant::now());
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+fn overload(shared: &Shared, stream: tokio::net::TcpStream, peer: SocketAddr) {
+    shared
+        .metrics
+        .connections
+        .get_or_create(&ConnLabels {
+            decision: "deny",
+            protocol: "tcp",
+            entry: "BlackHole".into(),
+            reason: "overload",
+        })
+        .inc();
+    deny::reset(stream);
+    shared.log(&FlowRecord {
+        ts: timestamp(std::time::SystemTime::now()),
+        client: crate::net::canonical_addr(peer),
+        dst: None,
+        upstream: None,
+        protocol: "tcp",
+        name: None,
+        decision: "deny",
+        entry: None,
+        reason: Some("overload"),
+        ech: false,
+        bytes_up: 0,
+        bytes_down: 0,
+        duration_ms: 0,
+        error: Some(format!(
+            "max_connections ({}) reached",
+            shared.max_connections
+        )),
+    });
+}
+
+/// Resolves the hosts of DNS TCP entries now and again at their TTL
+/// (clamped to 5 s - 5 min), keeping vanished addresses for 5 minutes.
+pub fn spawn_tcp_resolution(shared: Arc<Shared>, gen: Arc<Generation>) {
+    for (entry, hosts) in gen.registry.dns_tcp_entries() {
+        let shared = shared.clone();
+        let resolved = gen.resolved.clone();
+        tokio::spawn(async move {
+            let mut first = true;
+            while !resolved.retired.load(Ordering::Acquire) {
+                let mut ttl = Duration::from_secs(300);
+                let mut fresh: Vec<IpAddr> = Vec::new();
+                for h in &hosts {
+                    match shared.dialer.resolver.lookup(h).await {
+                        Resolved::Addrs(a, t) => {
+                            ttl = ttl.min(t);
+                            fresh.extend(a);
+                        }
+                        Resolved::NoAnswer => {
+                            ttl = ttl.min(Duration::from_secs(5));
+                            tracing::warn!(host = %h, "no address for a DNS TCP entry's host");
+                        }
+                    }
+                }
+                let now = Instant::now();
+                if let Ok(mut m) = resolved.map.write() {
+                    let v = m.entry(entry).or_default();
+                    for ip in fresh {
+                        match v.iter_mut().find(|(a, _)| *a == ip) {
+                            Some(slot) => slot.1 = now,
+                            None => v.push((ip, now)),
+                        }
+                    }
+                    v.retain(|(_, seen)| now.duration_since(*seen) < KEEP_VANISHED);
+                }
+                if first {
+                    first = false;
+                    resolved.attempted.fetch_add(1, Ordering::AcqRel);
+                }
+                tokio::time::sleep(ttl.clamp(Duration::from_secs(5), Duration::from_secs(300)))
+                    .await;
+            }
+        });
+    }
+}

@@ -1,0 +1,273 @@
+//! Connect stage: resolving names (TTL cache, stale answers when the resolver
+//! fails) and dialling the upstream plan of DESIGN §3 step 7 within
+//! `connect_timeout`, with every socket marked when `mark` is set and
+//! registered so the loop guard can recognise it coming back.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use hickory_resolver::config::LookupIpStrategy;
+use hickory_resolver::TokioResolver;
+use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+use tokio::net::{TcpSocket, TcpStream};
+
+use crate::net::canonical_ip;
+use crate::registry::Upstream;
+
+/// How long an answer is kept for serving stale when the resolver fails.
+const STALE_FOR: Duration = Duration::from_secs(3600);
+
+pub enum Resolved {
+    Addrs(Vec<IpAddr>, Duration),
+    /// The name has no A/AAAA records (a definitive answer).
+    NoAnswer,
+}
+
+/// A resolver whose last good answer per name survives resolver outages.
+pub struct Resolver {
+    inner: Option<TokioResolver>,
+    stale: Mutex<HashMap<String, (Vec<IpAddr>, Instant)>>,
+}
+
+impl Resolver {
+    pub fn new() -> Resolver {
+        let inner = TokioResolver::builder_tokio().and_then(|mut b| {
+            b.options_mut().ip_strategy = LookupIpStrategy::Ipv4AndIpv6;
+            b.options_mut().timeout = Duration::from_secs(2);
+            b.options_mut().attempts = 2;
+            b.build()
+        });
+        let inner = match inner {
+            Ok(r) => Some(r),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot configure the DNS resolver from /etc/resolv.conf: resolution DNS entries will fail with reason dns");
+                None
+            }
+        };
+        Resolver {
+            inner,
+            stale: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// A and AAAA of `name` (looked up as an absolute name: no search
+    /// domains). The TTL-respecting cache is hickory's; on a resolver failure
+    /// the last good answer is served.
+    pub async fn lookup(&self, name: &str) -> Resolved {
+        let Some(inner) = &self.inner else {
+            return Resolved::NoAnswer;
+        };
+        let absolute = format!("{}.", name.trim_end_matches('.'));
+        match inner.lookup_ip(absolute.as_str()).await {
+            Ok(l) => {
+                let ttl = l.valid_until().saturating_duration_since(Instant::now());
+                let addrs: Vec<IpAddr> = l.iter().map(canonical_ip).collect();
+                if addrs.is_empty() {
+                    return Resolved::NoAnswer;
+                }
+                if let Ok(mut s) = self.stale.lock() {
+                    if s.len() > 100_000 {
+                        s.clear();
+                    }
+                    s.insert(name.to_string(), (addrs.clone(), Instant::now()));
+                }
+                Resolved::Addrs(addrs, ttl)
+            }
+            Err(e) => {
+                let definitive = e.is_no_records_found();
+                if !definitive {
+                    if let Ok(s) = self.stale.lock() {
+                        if let Some((addrs, at)) = s.get(name) {
+                            if at.elapsed() < STALE_FOR {
+                                tracing::warn!(name, error = %e, "resolver failed: serving the last good answer");
+                                return Resolved::Addrs(addrs.clone(), Duration::from_secs(5));
+                            }
+                        }
+                    }
+                    tracing::warn!(name, error = %e, "resolver failed");
+                }
+                Resolved::NoAnswer
+            }
+        }
+    }
+}
+
+impl Default for Resolver {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Local ports of the proxy's own upstream sockets, with where each one is
+/// going: a flow arriving from such a port to that destination is our own
+/// connection redirected back to us (DESIGN §3 step 1).
+#[derive(Default)]
+pub struct OwnSockets {
+    by_port: Mutex<HashMap<u16, SocketAddr>>,
+}
+
+impl OwnSockets {
+    fn insert(&self, port: u16, dst: SocketAddr) {
+        if let Ok(mut m) = self.by_port.lock() {
+            m.insert(port, dst);
+        }
+    }
+    pub fn remove(&self, port: u16) {
+        if let Ok(mut m) = self.by_port.lock() {
+            m.remove(&port);
+        }
+    }
+    pub fn is_loop(&self, peer: SocketAddr, dst: SocketAddr) -> bool {
+        self.by_port
+            .lock()
+            .map(|m| m.get(&peer.port()) == Some(&dst))
+            .unwrap_or(false)
+    }
+}
+
+/// An established upstream connection; its port stays registered with the
+/// loop guard as long as `guard` lives.
+pub struct Connected<'a> {
+    pub stream: TcpStream,
+    pub addr: SocketAddr,
+    pub guard: PortGuard<'a>,
+}
+
+#[derive(Debug)]
+pub enum ConnectError {
+    /// The name resolved to nothing (reason `dns`).
+    Dns,
+    Refused,
+    Timeout,
+}
+
+impl ConnectError {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            ConnectError::Dns => "dns",
+            ConnectError::Refused => "connect_refused",
+            ConnectError::Timeout => "connect_timeout",
+        }
+    }
+}
+
+pub struct Dialer {
+    pub resolver: Resolver,
+    pub own: OwnSockets,
+    pub mark: Option<u32>,
+}
+
+impl Dialer {
+    /// The candidate addresses of a plan, in the order to try them.
+    pub async fn candidates(&self, plan: &Upstream) -> Result<Vec<SocketAddr>, ConnectError> {
+        match plan {
+            Upstream::Original(a) => Ok(vec![*a]),
+            Upstream::Static(v) => Ok(v.clone()),
+            Upstream::Resolve { name, port, dst } => match self.resolver.lookup(name).await {
+                Resolved::NoAnswer => Err(ConnectError::Dns),
+                Resolved::Addrs(addrs, _) => {
+                    let dst_ip = canonical_ip(dst.ip());
+                    if addrs.contains(&dst_ip) {
+                        // The client dialled what the name resolves to.
+                        return Ok(vec![SocketAddr::new(dst_ip, *port)]);
+                    }
+                    // A client presenting an allowed name while dialling
+                    // some other IP reaches only what the name resolves to.
+                    let mut v: Vec<SocketAddr> =
+                        addrs.iter().map(|ip| SocketAddr::new(*ip, *port)).collect();
+                    v.sort_by_key(|a| a.is_ipv4() != dst_ip.is_ipv4());
+                    Ok(v)
+                }
+            },
+        }
+    }
+
+    /// Tries `addrs` in turn; `timeout` bounds all attempts together.
+    pub async fn connect(
+        &self,
+        addrs: &[SocketAddr],
+        timeout: Duration,
+    ) -> Result<Connected<'_>, ConnectError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut last = ConnectError::Refused;
+        for (i, addr) in addrs.iter().enumerate() {
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
+                return Err(ConnectError::Timeout);
+            }
+            // Leave the later candidates a share of the time.
+            let left = deadline - now;
+            let share = if i + 1 < addrs.len() { left / 2 } else { left };
+            match self.connect_one(*addr, share).await {
+                Ok(c) => return Ok(c),
+                Err(e) if e.kind() == io::ErrorKind::TimedOut => last = ConnectError::Timeout,
+                Err(_) => last = ConnectError::Refused,
+            }
+        }
+        Err(last)
+    }
+
+    async fn connect_one(&self, addr: SocketAddr, timeout: Duration) -> io::Result<Connected<'_>> {
+        let sock = Socket::new(
+            Domain::for_address(addr),
+            Type::STREAM.nonblocking().cloexec(),
+            Some(Protocol::TCP),
+        )?;
+        if let Some(m) = self.mark {
+            sock.set_mark(m)?;
+        }
+        sock.set_tcp_nodelay(true)?;
+        // Bind first so the local port is known before the SYN leaves: if
+        // the redirect does not exclude us, the loop guard recognises it.
+        let any: SocketAddr = if addr.is_ipv4() {
+            "0.0.0.0:0".parse().expect("literal")
+        } else {
+            "[::]:0".parse().expect("literal")
+        };
+        sock.bind(&SockAddr::from(any))?;
+        let port = sock
+            .local_addr()?
+            .as_socket()
+            .map(|a| a.port())
+            .unwrap_or(0);
+        self.own.insert(port, addr);
+        let guard = PortGuard {
+            own: &self.own,
+            port: Some(port),
+        };
+        let tsock = TcpSocket::from_std_stream(std::net::TcpStream::from(sock));
+        let stream = match tokio::time::timeout(timeout, tsock.connect(addr)).await {
+            Ok(r) => r?,
+            Err(_) => return Err(io::Error::new(io::ErrorKind::TimedOut, "connect timed out")),
+        };
+        Ok(Connected {
+            stream,
+            addr,
+            guard,
+        })
+    }
+}
+
+/// Deregisters an upstream socket's port from the loop guard when dropped.
+pub struct PortGuard<'a> {
+    own: &'a OwnSockets,
+    port: Option<u16>,
+}
+
+impl Drop for PortGuard<'_> {
+    fn drop(&mut self) {
+        if let Some(p) = self.port {
+            self.own.remove(p);
+        }
+    }
+}
+
+/// Whether this process may set SO_MARK (the self-exclusion probe of `run`).
+pub fn mark_works(mark: u32) -> bool {
+    Socket::new(Domain::IPV4, Type::STREAM, None)
+        .and_then(|s| s.set_mark(mark))
+        .is_ok()
+}

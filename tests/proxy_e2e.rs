@@ -1,0 +1,554 @@
+//! The data path end to end (DESIGN §3, §4 access log): a pod namespace whose
+//! outbound TCP is redirected to `portcullis run` (as its unprivileged uid),
+//! an internet namespace with real TLS, HTTP, echo, server-first and bulk
+//! upstreams, and real clients (curl, openssl s_client, raw sockets).
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::Shutdown;
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::Value;
+
+/// A world with the proxy running in the pod.
+struct Px {
+    world: World,
+    proxy: Proc,
+}
+
+const PROXY_BASE: &str = r#"
+[proxy]
+listen = ["127.0.0.1:15001", "[::1]:15001"]
+health = "127.0.0.1:15021"
+admin = "127.0.0.1:15000"
+hello_timeout = "2s"
+first_byte_timeout = "300ms"
+connect_timeout = "2s"
+drain_min = "0s"
+drain_timeout = "2s"
+
+[redirect]
+proxy_uid = 1337
+proxy_gid = 1337
+"#;
+
+impl Px {
+    fn start(policy: &str, entries: &str) -> Px {
+        let world = World::start();
+        Px::start_in(world, policy, entries)
+    }
+
+    fn start_in(world: World, policy: &str, entries: &str) -> Px {
+        world.redirect(15001, Some(PROXY_UID));
+        let cfg = world.write_file("config.toml", &format!("{policy}\n{PROXY_BASE}\n{entries}"));
+        let proxy = world.spawn_proxy(&["run", "-c", cfg.to_str().unwrap()]);
+        world.wait_tcp(&world.pod, "127.0.0.1:15001".parse().unwrap());
+        Px { world, proxy }
+    }
+
+    /// Access-log lines so far, once at least `n` are there.
+    fn log(&mut self, n: usize) -> Vec<Value> {
+        let lines = self.proxy.wait_stdout_lines(n, Duration::from_secs(10));
+        let v: Vec<Value> = lines
+            .iter()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad log line {l:?}: {e}")))
+            .collect();
+        assert!(
+            v.len() >= n,
+            "wanted {n} log lines, got {v:?}\n{}",
+            self.proxy.logs(4000)
+        );
+        v
+    }
+
+    fn last_log(&mut self, n: usize) -> Value {
+        self.log(n)[n - 1].clone()
+    }
+}
+
+const API: &str = r#"
+[[service_entry]]
+name = "api"
+hosts = ["api.example.com"]
+ports = [{ number = 443, protocol = "TLS" }, { number = 80, protocol = "HTTP" }]
+
+[[service_entry]]
+name = "files"
+hosts = ["*.files.example.com"]
+ports = [{ number = 443, protocol = "TLS" }]
+
+[[service_entry]]
+name = "pinned"
+hosts = ["other.example.net"]
+addresses = ["198.51.100.7/32"]
+ports = [{ number = 443, protocol = "TLS" }]
+resolution = "NONE"
+
+[[service_entry]]
+name = "backend"
+addresses = ["198.51.100.7/32"]
+ports = [{ number = 2222, protocol = "TCP" }, { number = 7000, protocol = "TCP" }, { number = 7001, protocol = "TCP" }, { number = 9000, protocol = "TCP" }, { number = 7003, protocol = "TCP" }]
+"#;
+
+#[test]
+fn tls_allowed_and_denied_with_alert() {
+    let mut px = Px::start("", API);
+    let out = px.world.curl(&["-4", "https://api.example.com/"]);
+    assert!(
+        out.ok()
+            .contains("tls ok sni=api.example.com local=192.0.2.10:443"),
+        "{out:?}"
+    );
+    let l = px.last_log(1);
+    assert_eq!(l["decision"], "allow", "{l}");
+    assert_eq!(l["entry"], "api");
+    assert_eq!(l["protocol"], "tls");
+    assert_eq!(l["name"], "api.example.com");
+    assert_eq!(l["dst"], "192.0.2.10:443");
+    assert_eq!(l["upstream"], "192.0.2.10:443");
+    assert!(
+        l["bytes_up"].as_u64().unwrap() > 300 && l["bytes_down"].as_u64().unwrap() > 500,
+        "{l}"
+    );
+    // curl may close with unread TLS bytes pending (a reset): still an allowed flow.
+    assert!(l["error"].is_null() || l["error"] == "client_reset", "{l}");
+
+    let before = px.world.upstream_accepts().len();
+    let out = px
+        .world
+        .s_client("192.0.2.10:443", &["-servername", "evil.example.net"], b"");
+    assert!(!out.success());
+    assert!(out.stderr.contains("alert access denied"), "{out:?}");
+    let l = px.last_log(2);
+    assert_eq!(
+        (l["decision"].as_str(), l["reason"].as_str()),
+        (Some("deny"), Some("not_in_registry")),
+        "{l}"
+    );
+    assert_eq!(l["name"], "evil.example.net");
+    assert!(l["entry"].is_null());
+    assert!(l["upstream"].is_null());
+    assert_eq!(
+        px.world.upstream_accepts().len(),
+        before,
+        "a denied flow opened an upstream connection"
+    );
+}
+
+#[test]
+fn http_allowed_and_403_naming_host_and_reason() {
+    let mut px = Px::start("", API);
+    let out = px.world.curl(&["http://api.example.com/"]);
+    assert!(out.ok().contains("http ok host=api.example.com"), "{out:?}");
+    let out = px.world.curl(&["-i", "http://other.example.net/"]);
+    let text = out.ok();
+    assert!(text.starts_with("HTTP/1.1 403 Forbidden"), "{text}");
+    assert!(text.contains("Connection: close"), "{text}");
+    assert!(
+        text.contains("other.example.net:80 denied: not_in_registry"),
+        "{text}"
+    );
+    let l = px.last_log(2);
+    assert_eq!(
+        (l["decision"].as_str(), l["protocol"].as_str()),
+        (Some("deny"), Some("http")),
+        "{l}"
+    );
+}
+
+#[test]
+fn tcp_entry_decided_by_address_server_first_and_half_close() {
+    let mut px = Px::start("", API);
+    // server-first: the banner arrives without the client sending anything
+    let mut s = px
+        .world
+        .pod_connect(sa(addr::OTHER_V4, port::BANNER))
+        .unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let t = Instant::now();
+    let line = read_line(&mut s, Duration::from_secs(5)).unwrap();
+    assert!(line.starts_with("BANNER 198.51.100.7:2222"), "{line}");
+    // "no added wait": far below hello_timeout (2s) and first_byte_timeout
+    assert!(
+        t.elapsed() < Duration::from_millis(1500),
+        "{:?}",
+        t.elapsed()
+    );
+    drop(s);
+
+    // half-close: the client shuts its write side and still reads the reply
+    let mut s = px
+        .world
+        .pod_connect(sa(addr::OTHER_V4, port::HALF_CLOSE))
+        .unwrap();
+    s.write_all(&[7u8; 100_000]).unwrap();
+    s.shutdown(Shutdown::Write).unwrap();
+    let (got, r) = read_to_end_timeout(&mut s, Duration::from_secs(10));
+    r.unwrap();
+    assert_eq!(String::from_utf8_lossy(&got).trim(), "got 100000 bytes");
+
+    let log = px.log(2);
+    assert!(
+        log.iter()
+            .all(|l| l["decision"] == "allow" && l["entry"] == "backend"),
+        "{log:?}"
+    );
+    let hc = &log[1];
+    assert_eq!(hc["bytes_up"], 100_000, "{hc}");
+    assert!(hc["error"].is_null(), "{hc}");
+
+    // a TCP port of no entry's address: denied with RST, no upstream
+    let mut s = px.world.pod_connect(sa(addr::API_V4, port::ECHO)).unwrap();
+    let _ = s.write_all(b"hello\n");
+    let mut buf = [0u8; 16];
+    let r = s.read(&mut buf);
+    assert!(matches!(r, Ok(0)) || r.is_err(), "{r:?}");
+    let l = px.last_log(3);
+    assert_eq!(
+        (l["decision"].as_str(), l["reason"].as_str()),
+        (Some("deny"), Some("not_in_registry")),
+        "{l}"
+    );
+}
+
+#[test]
+fn allow_any_passes_server_first_without_delay_and_audit_logs() {
+    let mut px = Px::start("outbound_traffic_policy = \"ALLOW_ANY\"", API);
+    let mut s = px
+        .world
+        .pod_connect(sa(addr::API_V4, port::BANNER))
+        .unwrap();
+    let t = Instant::now();
+    let line = read_line(&mut s, Duration::from_secs(5)).unwrap();
+    assert!(line.starts_with("BANNER 192.0.2.10:2222"), "{line}");
+    assert!(
+        t.elapsed() < Duration::from_millis(250),
+        "server-first delayed by {:?}",
+        t.elapsed()
+    );
+    s.write_all(b"ping\n").unwrap();
+    assert_eq!(
+        read_line(&mut s, Duration::from_secs(5)).unwrap().trim(),
+        "ping"
+    );
+    drop(s);
+    let out = px.world.curl(&["https://other.example.net/"]);
+    assert!(
+        out.ok()
+            .contains("tls ok sni=other.example.net local=198.51.100.7:443"),
+        "{out:?}"
+    );
+    let log = px.log(2);
+    let banner = log.iter().find(|l| l["dst"] == "192.0.2.10:2222").unwrap();
+    assert_eq!(banner["decision"], "passthrough", "{banner}");
+    assert_eq!(banner["protocol"], "tcp", "{banner}");
+    let tls = log.iter().find(|l| l["dst"] == "198.51.100.7:443").unwrap();
+    // a registry match still labels the flow under ALLOW_ANY
+    assert_eq!(
+        (tls["decision"].as_str(), tls["entry"].as_str()),
+        (Some("allow"), Some("pinned")),
+        "{tls}"
+    );
+    drop(px);
+
+    let mut px = Px::start("audit = true", API);
+    let out = px.world.curl(&[
+        "https://b.files.example.com/",
+        "--resolve",
+        "b.files.example.com:443:192.0.2.10",
+    ]);
+    assert!(out.ok().contains("tls ok"), "{out:?}");
+    let out = px.world.curl(&[
+        "--connect-to",
+        "evil.example.org:443:192.0.2.10:443",
+        "-k",
+        "https://evil.example.org/",
+    ]);
+    assert!(
+        out.ok()
+            .contains("tls ok sni=evil.example.org local=192.0.2.10:443"),
+        "{out:?}"
+    );
+    let l = px.last_log(2);
+    assert_eq!(
+        (l["decision"].as_str(), l["reason"].as_str()),
+        (Some("audit"), Some("not_in_registry")),
+        "{l}"
+    );
+    assert_eq!(l["upstream"], "192.0.2.10:443");
+}
+
+#[test]
+fn sni_spoofing_ends_at_the_real_host() {
+    let mut px = Px::start("", API);
+    // The client dials 198.51.100.7 but presents api.example.com: resolution
+    // DNS sends it to what api.example.com resolves to.
+    let out = px.world.curl(&[
+        "--connect-to",
+        "api.example.com:443:198.51.100.7:443",
+        "https://api.example.com/",
+    ]);
+    assert!(out.ok().contains("local=192.0.2.10:443"), "{out:?}");
+    let l = px.last_log(1);
+    assert_eq!(
+        (l["dst"].as_str(), l["upstream"].as_str()),
+        (Some("198.51.100.7:443"), Some("192.0.2.10:443")),
+        "{l}"
+    );
+    // a wildcard entry too: a.files.example.com resolves to 192.0.2.11
+    let out = px.world.curl(&[
+        "--connect-to",
+        "a.files.example.com:443:203.0.113.5:443",
+        "https://a.files.example.com/",
+    ]);
+    assert!(
+        out.ok()
+            .contains("sni=a.files.example.com local=192.0.2.11:443"),
+        "{out:?}"
+    );
+    // addresses refuse a wrong IP: other.example.net is pinned to 198.51.100.7
+    let out = px
+        .world
+        .s_client("192.0.2.10:443", &["-servername", "other.example.net"], b"");
+    assert!(out.stderr.contains("alert access denied"), "{out:?}");
+    let l = px.last_log(3);
+    assert_eq!(l["reason"], "address_mismatch", "{l}");
+    // a name that resolves to nothing: dns
+    let out = px.world.s_client(
+        "192.0.2.10:443",
+        &["-servername", "nx.files.example.com"],
+        b"",
+    );
+    assert!(out.stderr.contains("alert access denied"), "{out:?}");
+    let l = px.last_log(4);
+    assert_eq!(l["reason"], "dns", "{l}");
+}
+
+#[test]
+fn ipv6_flows() {
+    let mut px = Px::start("", API);
+    let out = px.world.curl(&["-6", "https://api.example.com/"]);
+    assert!(out.ok().contains("local=[2001:db8::10]:443"), "{out:?}");
+    let l = px.last_log(1);
+    assert_eq!(l["dst"], "[2001:db8::10]:443", "{l}");
+    assert_eq!(l["decision"], "allow");
+}
+
+#[test]
+fn direct_connection_to_the_listener_is_a_loop() {
+    for policy in [
+        "",
+        "audit = true",
+        "outbound_traffic_policy = \"ALLOW_ANY\"",
+    ] {
+        let mut px = Px::start(policy, API);
+        // The proxy resets at once; the reset may already show in connect.
+        if let Ok(mut s) = px.world.pod_connect("127.0.0.1:15001".parse().unwrap()) {
+            let _ = s.write_all(b"GET / HTTP/1.1\r\nHost: api.example.com\r\n\r\n");
+            let mut buf = [0u8; 64];
+            let r = s.read(&mut buf);
+            assert!(matches!(r, Ok(0)) || r.is_err(), "{r:?}");
+        }
+        let l = px.last_log(1);
+        assert_eq!(
+            (l["decision"].as_str(), l["reason"].as_str()),
+            (Some("deny"), Some("loop")),
+            "{policy}: {l}"
+        );
+    }
+}
+
+/// Rewrites a one-record ClientHello into `parts` records of about equal size.
+fn split_records(hello: &[u8], parts: usize) -> Vec<u8> {
+    assert_eq!(hello[0], 0x16);
+    let body = &hello[5..];
+    let chunk = body.len().div_ceil(parts);
+    let mut out = Vec::new();
+    for c in body.chunks(chunk) {
+        out.extend_from_slice(&[0x16, hello[1], hello[2]]);
+        out.extend_from_slice(&(c.len() as u16).to_be_bytes());
+        out.extend_from_slice(c);
+    }
+    out
+}
+
+#[test]
+fn client_hello_split_across_records_and_dripped() {
+    let hello = std::fs::read(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/data/hellos/openssl-s_client.bin"
+    ))
+    .unwrap();
+    let mut px = Px::start("", API);
+    for parts in [2, 3] {
+        let wire = split_records(&hello, parts);
+        let mut s = px.world.pod_connect(sa(addr::API_V4, port::TLS)).unwrap();
+        s.set_nodelay(true).unwrap();
+        for c in wire.chunks(7) {
+            s.write_all(c).unwrap();
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        // The upstream (a real TLS server) answers the reassembled hello.
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut head = [0u8; 5];
+        s.read_exact(&mut head).unwrap();
+        assert_eq!(head[0], 0x16, "expected a ServerHello record, got {head:?}");
+    }
+    let log = px.log(2);
+    for l in &log[..2] {
+        assert_eq!(
+            (l["decision"].as_str(), l["name"].as_str()),
+            (Some("allow"), Some("api.example.com")),
+            "{l}"
+        );
+    }
+}
+
+#[test]
+fn post_quantum_hello_from_chromium_dripped() {
+    // Debian's chromium, ~1.9 KB, X25519MLKEM768 key share, GREASE ECH.
+    let hello = std::fs::read(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/data/hellos/chromium-mlkem.bin"
+    ))
+    .unwrap();
+    let mut px = Px::start(
+        "",
+        "[[service_entry]]\nhosts = [\"www.example.org\"]\nports = [{ number = 443, protocol = \"TLS\" }]\n",
+    );
+    let mut s = px.world.pod_connect(sa(addr::ORG_V4, port::TLS)).unwrap();
+    s.set_nodelay(true).unwrap();
+    for c in hello.chunks(100) {
+        s.write_all(c).unwrap();
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut head = [0u8; 5];
+    s.read_exact(&mut head).unwrap();
+    assert_eq!(head[0], 0x16, "{head:?}");
+    drop(s);
+    let l = px.last_log(1);
+    assert_eq!(
+        (l["decision"].as_str(), l["name"].as_str()),
+        (Some("allow"), Some("www.example.org")),
+        "{l}"
+    );
+    assert_eq!(l["ech"], true, "GREASE ECH is marked: {l}");
+}
+
+#[test]
+fn own_upstream_connection_coming_back_is_a_loop() {
+    // Rules that forget to exclude the proxy: its upstream connection is
+    // redirected back to it. The loop guard recognises its own socket.
+    let world = World::start();
+    world.redirect(15001, None);
+    let cfg = world.write_file(
+        "config.toml",
+        &format!("outbound_traffic_policy = \"ALLOW_ANY\"\n{PROXY_BASE}"),
+    );
+    let proxy = world.spawn_proxy(&["run", "-c", cfg.to_str().unwrap()]);
+    world.wait_tcp(&world.pod, "127.0.0.1:15001".parse().unwrap());
+    let mut px = Px { world, proxy };
+    if let Ok(mut s) = px.world.pod_connect(sa(addr::API_V4, port::ECHO)) {
+        let _ = s.write_all(b"x\n");
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut buf = [0u8; 8];
+        let r = s.read(&mut buf);
+        assert!(matches!(r, Ok(0)) || r.is_err(), "{r:?}");
+    }
+    let log = px.log(2);
+    assert!(
+        log.iter().any(|l| l["decision"] == "deny"
+            && l["reason"] == "loop"
+            && l["dst"] == "192.0.2.10:7000"),
+        "{log:?}"
+    );
+    assert!(
+        px.world.upstream_accepts().is_empty(),
+        "nothing reached the upstream"
+    );
+}
+
+#[test]
+fn one_gib_through_the_relay_with_checksum() {
+    let mut px = Px::start("", API);
+    let mut s = px
+        .world
+        .pod_connect(sa(addr::OTHER_V4, port::BULK))
+        .unwrap();
+    bulk_upload(&mut s, 1 << 30).unwrap();
+    drop(s);
+    let mut s = px
+        .world
+        .pod_connect(sa(addr::OTHER_V4, port::BULK))
+        .unwrap();
+    bulk_download(&mut s, 256 << 20).unwrap();
+    drop(s);
+    let log = px.log(2);
+    assert!(
+        log[0]["bytes_up"].as_u64().unwrap() >= 1 << 30,
+        "{}",
+        log[0]
+    );
+    assert!(
+        log[1]["bytes_down"].as_u64().unwrap() >= 256 << 20,
+        "{}",
+        log[1]
+    );
+}
+
+#[test]
+fn hello_timeout_denies_a_silent_client() {
+    let mut px = Px::start("", API);
+    let mut s = px.world.pod_connect(sa(addr::API_V4, port::TLS)).unwrap();
+    let t = Instant::now();
+    let mut buf = [0u8; 16];
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let r = s.read(&mut buf);
+    assert!(matches!(r, Ok(0)) || r.is_err(), "{r:?}");
+    assert!(
+        t.elapsed() >= Duration::from_millis(1800),
+        "{:?}",
+        t.elapsed()
+    );
+    let l = px.last_log(1);
+    assert_eq!(l["reason"], "timeout", "{l}");
+}
+
+#[test]
+fn upstream_refused_gives_rst_or_502() {
+    let mut px = Px::start(
+        "",
+        r#"
+[[service_entry]]
+name = "closed-tls"
+hosts = ["api.example.com"]
+addresses = ["192.0.2.10/32"]
+ports = [{ number = 9, protocol = "TLS" }]
+resolution = "NONE"
+
+[[service_entry]]
+name = "closed-http"
+hosts = ["api.example.com"]
+addresses = ["192.0.2.10/32"]
+ports = [{ number = 8081, protocol = "HTTP" }]
+resolution = "NONE"
+"#,
+    );
+    let out = px.world.curl(&["-4", "-i", "http://api.example.com:8081/"]);
+    assert!(out.ok().starts_with("HTTP/1.1 502 Bad Gateway"), "{out:?}");
+    let l = px.last_log(1);
+    assert_eq!(
+        (l["decision"].as_str(), l["error"].as_str()),
+        (Some("allow"), Some("connect_refused")),
+        "{l}"
+    );
+    let out = px
+        .world
+        .s_client("192.0.2.10:9", &["-servername", "api.example.com"], b"");
+    assert!(!out.success());
+    let l = px.last_log(2);
+    assert_eq!(l["error"], "connect_refused", "{l}");
+}
