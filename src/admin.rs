@@ -124,60 +124,137 @@ impl Denied {
     }
 }
 
-/// `/denied?format=toml`: `[[service_entry]]` blocks ready to paste, one per
-/// name covering all its ports; nameless flows as TCP entries by address;
-/// names already in the registry skipped.
+/// `/denied?format=toml`: `[[service_entry]]` blocks ready to paste: one
+/// block per name covering all its ports (a name's ports may mix TLS and
+/// HTTP), nameless flows as TCP entries by address (one block per IP, all
+/// its ports). Flows the registry admits now (an entry lists the name, or a
+/// pattern matching it, on that port and protocol; or a TCP entry holds the
+/// IP and port) are skipped, as are names the registry pins to other
+/// addresses (`address_mismatch`: widening a pin is a decision, not a
+/// paste). Entry names are unique, also against the registry.
 pub fn denied_toml(records: &[DeniedRecord], cfg: &Config) -> String {
+    use crate::config::PortProtocol;
+    use std::collections::{BTreeMap, BTreeSet, HashSet};
+
     let mut out = String::from(
-        "# Flows portcullis denied (or, in audit mode, let through) recently.\n\
-         # Audit output lists whatever the workload contacted: review every entry before pasting it.\n",
+        "# Flows portcullis denied (or, in audit mode, let through) recently, as\n\
+         # service entries. Audit output lists whatever the workload contacted:\n\
+         # review every entry before pasting it into the registry.\n",
     );
-    let registry_names: Vec<&crate::name::HostPattern> =
-        cfg.entries.iter().flat_map(|e| e.hosts.iter()).collect();
-    let mut by_name: std::collections::BTreeMap<String, Vec<(u16, &'static str)>> =
-        Default::default();
-    let mut by_addr: std::collections::BTreeMap<(String, u16), ()> = Default::default();
+    let name_covered = |name: &str, port: u16, proto: PortProtocol| {
+        cfg.entries.iter().any(|e| {
+            e.hosts.iter().any(|h| h.matches(name))
+                && e.port(port).is_some_and(|p| p.protocol == proto)
+        })
+    };
+    let addr_covered = |ip: std::net::IpAddr, port: u16| {
+        cfg.entries.iter().any(|e| {
+            !e.addresses.is_empty()
+                && e.addresses.iter().any(|c| c.contains(ip))
+                && e.port(port)
+                    .is_some_and(|p| p.protocol == PortProtocol::Tcp)
+        })
+    };
+    struct Seen {
+        proto: PortProtocol,
+        count: u64,
+        reasons: BTreeSet<&'static str>,
+        conflict: Option<PortProtocol>,
+    }
+    let mut by_name: BTreeMap<&str, BTreeMap<u16, Seen>> = BTreeMap::new();
+    let mut by_addr: BTreeMap<std::net::IpAddr, BTreeMap<u16, (u64, BTreeSet<&'static str>)>> =
+        BTreeMap::new();
     for r in records {
         match (&r.name, r.ip) {
             (Some(n), _) => {
-                if registry_names.iter().any(|h| h.to_string() == *n) {
+                let proto = match r.protocol {
+                    "tls" => PortProtocol::Tls,
+                    "http" => PortProtocol::Http,
+                    _ => PortProtocol::Tcp,
+                };
+                if name_covered(n, r.port, proto) {
                     continue;
                 }
-                let proto = match r.protocol {
-                    "tls" => "TLS",
-                    "http" => "HTTP",
-                    _ => "TCP",
-                };
-                let ports = by_name.entry(n.clone()).or_default();
-                if !ports.iter().any(|(p, _)| *p == r.port) {
-                    ports.push((r.port, proto));
+                let seen = by_name
+                    .entry(n.as_str())
+                    .or_default()
+                    .entry(r.port)
+                    .or_insert(Seen {
+                        proto,
+                        count: 0,
+                        reasons: BTreeSet::new(),
+                        conflict: None,
+                    });
+                seen.count += r.count;
+                seen.reasons.extend(r.reason);
+                if seen.proto != proto {
+                    seen.conflict = Some(proto);
                 }
             }
             (None, Some(ip)) => {
-                by_addr.insert((ip.to_string(), r.port), ());
+                if addr_covered(ip, r.port) {
+                    continue;
+                }
+                let e = by_addr.entry(ip).or_default().entry(r.port).or_default();
+                e.0 += r.count;
+                e.1.extend(r.reason);
             }
             _ => {}
         }
     }
-    for (name, mut ports) in by_name {
-        ports.sort();
-        let _ = writeln!(out, "\n[[service_entry]]\nhosts = [\"{name}\"]");
+    let mut taken: HashSet<String> = cfg.entries.iter().map(|e| e.name.clone()).collect();
+    let mut unique = |base: String| {
+        let mut candidate = base.clone();
+        let mut i = 2;
+        while taken.contains(&candidate) {
+            candidate = format!("{base}-{i}");
+            i += 1;
+        }
+        taken.insert(candidate.clone());
+        candidate
+    };
+    let reasons = |r: &BTreeSet<&str>| r.iter().copied().collect::<Vec<_>>().join(",");
+    for (name, ports) in by_name {
+        let _ = writeln!(out, "\n[[service_entry]]");
+        for (port, seen) in &ports {
+            let _ = writeln!(
+                out,
+                "# seen: {port}/{} x{} ({})",
+                seen.proto.as_str(),
+                seen.count,
+                reasons(&seen.reasons)
+            );
+            if let Some(other) = seen.conflict {
+                let _ = writeln!(
+                    out,
+                    "# note: {name}:{port} was also seen as {}; one port has one protocol",
+                    other.as_str()
+                );
+            }
+        }
+        let _ = writeln!(out, "name = \"{}\"", unique(name.to_string()));
+        let _ = writeln!(out, "hosts = [\"{name}\"]");
         let ps: Vec<String> = ports
             .iter()
-            .map(|(p, proto)| format!("{{ number = {p}, protocol = \"{proto}\" }}"))
+            .map(|(p, seen)| format!("{{ number = {p}, protocol = \"{}\" }}", seen.proto.as_str()))
             .collect();
         let _ = writeln!(out, "ports = [{}]", ps.join(", "));
-        if ports.iter().any(|(_, proto)| *proto == "TCP") {
-            let _ = writeln!(out, "resolution = \"DNS\"");
-        }
+        // TCP ports of a named entry need the name resolved ahead.
+        let _ = writeln!(out, "resolution = \"DNS\"");
     }
-    for ((ip, port), ()) in by_addr {
-        let prefix = if ip.contains(':') { 128 } else { 32 };
-        let _ = writeln!(
-            out,
-            "\n[[service_entry]]\nname = \"tcp-{}-{port}\"\naddresses = [\"{ip}/{prefix}\"]\nports = [{{ number = {port}, protocol = \"TCP\" }}]",
-            ip.replace([':', '.'], "-")
-        );
+    for (ip, ports) in by_addr {
+        let cidr = crate::net::Cidr::host(ip);
+        let _ = writeln!(out, "\n[[service_entry]]");
+        for (port, (count, why)) in &ports {
+            let _ = writeln!(out, "# seen: {port} without a name x{count} ({})", reasons(why));
+        }
+        let _ = writeln!(out, "name = \"{}\"", unique(format!("tcp-{ip}")));
+        let _ = writeln!(out, "addresses = [\"{cidr}\"]");
+        let ps: Vec<String> = ports
+            .keys()
+            .map(|p| format!("{{ number = {p}, protocol = \"TCP\" }}"))
+            .collect();
+        let _ = writeln!(out, "ports = [{}]", ps.join(", "));
     }
     out
 }

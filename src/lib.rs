@@ -17,6 +17,7 @@ pub mod admin;
 pub mod config;
 pub mod detect;
 pub mod explain;
+pub mod host_mode;
 pub mod init;
 pub mod metrics;
 pub mod name;

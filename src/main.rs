@@ -25,6 +25,10 @@ enum Command {
     Run {
         #[arg(short, long, default_value = DEFAULT_PATH)]
         config: PathBuf,
+        /// Try-out host mode (root): install the [redirect] rules, run the
+        /// proxy as proxy_uid in a child, remove the rules when it exits.
+        #[arg(long)]
+        redirect: bool,
     },
     /// Poll the health endpoint until ready: exit 0 ready, 1 timed out.
     Wait {
@@ -113,7 +117,14 @@ fn run_proxy(config: &std::path::Path) -> ExitCode {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Run { config } => run_proxy(&config),
+        Command::Run { config, redirect: false } => run_proxy(&config),
+        Command::Run { config, redirect: true } => match portcullis::host_mode::run(&config) {
+            Ok(code) => ExitCode::from(code),
+            Err(e) => {
+                eprintln!("{e}");
+                ExitCode::from(1)
+            }
+        },
         Command::Wait { url, timeout } => match portcullis::wait::wait(&url, timeout) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

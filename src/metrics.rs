@@ -125,6 +125,10 @@ impl Metrics {
         );
         last_reload_ok.set(1);
         rules_match.set(1);
+        // Both results exist from the start, so rate() and alerts see a 0.
+        for result in ["success", "failure"] {
+            let _ = reloads.get_or_create(&ResultLabel { result });
+        }
         Metrics {
             registry,
             connections,
@@ -176,15 +180,16 @@ impl Metrics {
 }
 
 /// Open and max fds, RSS and CPU of this process, read from /proc at scrape
-/// time (cheap, and always current).
+/// time (cheap, and always current). Named as the Prometheus client
+/// libraries name them, so existing dashboards work.
 fn process_metrics() -> String {
     let open = std::fs::read_dir("/proc/self/fd")
-        .map(|d| d.count())
+        .map(|d| d.count().saturating_sub(1)) // the directory handle itself
         .unwrap_or(0);
     let max = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
         .map(|(soft, _)| soft)
         .unwrap_or(0);
-    let page = 4096u64;
+    let page = sysconf(libc::_SC_PAGESIZE).unwrap_or(4096);
     let rss = std::fs::read_to_string("/proc/self/statm")
         .ok()
         .and_then(|s| {
@@ -194,21 +199,90 @@ fn process_metrics() -> String {
         })
         .unwrap_or(0)
         * page;
-    let ticks = 100.0;
+    let ticks = sysconf(libc::_SC_CLK_TCK).unwrap_or(100) as f64;
     let cpu = std::fs::read_to_string("/proc/self/stat")
         .ok()
-        .and_then(|s| {
-            let rest = s.rsplit_once(')')?.1;
-            let f: Vec<&str> = rest.split_whitespace().collect();
-            let utime: f64 = f.get(11)?.parse().ok()?;
-            let stime: f64 = f.get(12)?.parse().ok()?;
-            Some((utime + stime) / ticks)
-        })
+        .and_then(|s| cpu_seconds(&s, ticks))
         .unwrap_or(0.0);
     format!(
-        "# HELP process_open_fds Open file descriptors.\n# TYPE process_open_fds gauge\nprocess_open_fds {open}\n\
-# HELP process_max_fds Soft limit of open file descriptors.\n# TYPE process_max_fds gauge\nprocess_max_fds {max}\n\
-# HELP process_resident_memory_bytes Resident memory.\n# TYPE process_resident_memory_bytes gauge\nprocess_resident_memory_bytes {rss}\n\
-# HELP process_cpu_seconds Total user and system CPU time.\n# TYPE process_cpu_seconds counter\nprocess_cpu_seconds_total {cpu}\n"
+        "# HELP process_open_fds Number of open file descriptors.\n# TYPE process_open_fds gauge\nprocess_open_fds {open}\n\
+# HELP process_max_fds Maximum number of open file descriptors (the soft limit).\n# TYPE process_max_fds gauge\nprocess_max_fds {max}\n\
+# HELP process_resident_memory_bytes Resident memory size in bytes.\n# TYPE process_resident_memory_bytes gauge\nprocess_resident_memory_bytes {rss}\n\
+# HELP process_cpu_seconds Total user and system CPU time spent in seconds.\n# TYPE process_cpu_seconds counter\nprocess_cpu_seconds_total {cpu}\n"
     )
+}
+
+fn sysconf(name: libc::c_int) -> Option<u64> {
+    // SAFETY: sysconf(3) reads a constant of the system; no pointers involved.
+    let v = unsafe { libc::sysconf(name) };
+    (v > 0).then_some(v as u64)
+}
+
+/// utime + stime of /proc/PID/stat, in seconds. The command name (field 2)
+/// may hold spaces and parentheses: fields are counted after its last ')'.
+fn cpu_seconds(stat: &str, ticks: f64) -> Option<f64> {
+    let rest = stat.rsplit_once(')')?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let utime: f64 = f.get(11)?.parse().ok()?;
+    let stime: f64 = f.get(12)?.parse().ok()?;
+    Some((utime + stime) / ticks)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exposition_names_and_eof() {
+        let m = Metrics::new();
+        m.connections
+            .get_or_create(&ConnLabels {
+                decision: "deny",
+                protocol: "tls",
+                entry: "BlackHole".into(),
+                reason: "not_in_registry",
+            })
+            .inc();
+        m.detect_seconds.observe(0.002);
+        let (up, _) = m.byte_counters("api");
+        up.inc_by(7);
+        let text = m.render();
+        for line in [
+            "# TYPE portcullis_connections counter",
+            "portcullis_connections_total{decision=\"deny\",protocol=\"tls\",entry=\"BlackHole\",reason=\"not_in_registry\"} 1",
+            "portcullis_active_connections 0",
+            "portcullis_bytes_total{direction=\"upstream\",entry=\"api\"} 7",
+            "portcullis_bytes_total{direction=\"downstream\",entry=\"api\"} 0",
+            "portcullis_config_reloads_total{result=\"success\"} 0",
+            "portcullis_config_reloads_total{result=\"failure\"} 0",
+            "portcullis_config_last_reload_successful 1",
+            "portcullis_access_log_dropped_total 0",
+            "# TYPE portcullis_detect_seconds histogram",
+            "portcullis_detect_seconds_count 1",
+            "portcullis_detect_bytes_examined_total 0",
+            "portcullis_rules_match_config 1",
+            "# TYPE process_open_fds gauge",
+            "# TYPE process_max_fds gauge",
+            "# TYPE process_resident_memory_bytes gauge",
+            "# TYPE process_cpu_seconds counter",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line:?} missing in\n{text}");
+        }
+        assert!(text.ends_with("# EOF\n"), "{text}");
+        assert_eq!(text.matches("# EOF").count(), 1);
+        let rss: u64 = text
+            .lines()
+            .find_map(|l| l.strip_prefix("process_resident_memory_bytes "))
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(rss > 1 << 20, "{rss}");
+    }
+
+    #[test]
+    fn cpu_from_stat_with_odd_command_names() {
+        let stat = "42 (a) b (c)) S 1 42 42 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 1 0 1 0 0";
+        assert_eq!(cpu_seconds(stat, 100.0), Some(3.0));
+        assert_eq!(cpu_seconds("garbage", 100.0), None);
+    }
 }

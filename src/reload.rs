@@ -1,17 +1,23 @@
-//! Reload stage: SIGHUP or a change of the config file (polled once a
-//! second by path, so a Kubernetes ConfigMap's `..data` symlink swap, which
-//! changes the file's inode, is seen too) validates the new file and swaps
-//! it in for new flows. A bad file is logged and counted; the running config
-//! stays.
+//! Reload stage: SIGHUP or a change of the config file validates the new
+//! file and swaps it in for new flows. A bad file is logged and counted; the
+//! running config stays.
+//!
+//! The file is polled once a second by path, following symlinks: its device,
+//! inode, mtime, ctime and size. A Kubernetes ConfigMap volume updates
+//! `dir/config.toml -> ..data/config.toml` by renaming a new `..data` symlink
+//! over the old one, which changes the inode the path leads to, so it is seen
+//! like an edit in place. One task owns both triggers and the fingerprint of
+//! the file as last read, so a SIGHUP after an edit does not reload twice.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::os::unix::fs::MetadataExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 
 use crate::config::Config;
 use crate::metrics::ResultLabel;
@@ -28,66 +34,161 @@ pub struct ReloadStatus {
     pub last_reload: Option<String>,
     pub last_result: Option<&'static str>,
     pub last_error: Option<String>,
-    /// Keys changed in the file that take effect only after a restart.
+    /// Keys changed in the file that take effect only after a restart (the
+    /// running values stay in force and are what `/config` shows).
     pub restart_required: Vec<String>,
-    /// The policy or audit changed: the non-TCP filter is init's, re-run it.
+    /// The rules `portcullis init` installed no longer match the config
+    /// (policy or audit changed the non-TCP filter, or `[redirect]` changed).
     pub rerun_init: bool,
 }
 
-/// Entries removed by a reload, whose flows are closed after `drain_timeout`
-/// when `revoke_on_reload` is set.
+/// Flows to close from outside the relay: those of entries a reload removed
+/// (`revoke_on_reload`), each at its deadline, and, at the end of a drain,
+/// every flow.
 #[derive(Clone, Debug, Default)]
 pub struct Revocation {
-    pub removed: Arc<HashSet<String>>,
-    pub at: Option<tokio::time::Instant>,
+    /// entry name -> when its flows are closed
+    pub deadlines: Arc<HashMap<String, Instant>>,
+    /// the drain is over: every flow is closed at this instant
+    pub all: Option<Instant>,
 }
 
-fn fingerprint(path: &std::path::Path) -> Option<(u64, u64, i64, u64)> {
-    // metadata() follows symlinks: the inode of whatever the path names now.
+/// What identifies the file's current contents without reading it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Fingerprint {
+    dev: u64,
+    ino: u64,
+    mtime_ns: i64,
+    ctime_ns: i64,
+    size: u64,
+}
+
+/// The fingerprint of whatever `path` leads to now (symlinks followed).
+pub fn fingerprint(path: &Path) -> Option<Fingerprint> {
     let m = std::fs::metadata(path).ok()?;
-    Some((
-        m.dev(),
-        m.ino(),
-        m.mtime_nsec() + m.mtime() * 1_000_000_000,
-        m.len(),
-    ))
+    Some(Fingerprint {
+        dev: m.dev(),
+        ino: m.ino(),
+        mtime_ns: m.mtime() * 1_000_000_000 + m.mtime_nsec(),
+        ctime_ns: m.ctime() * 1_000_000_000 + m.ctime_nsec(),
+        size: m.len(),
+    })
 }
 
-/// Starts the reload task; returns the sender SIGHUP uses.
-pub fn spawn_watcher(shared: Arc<Shared>, path: PathBuf) -> mpsc::Sender<Trigger> {
+const POLL: Duration = Duration::from_secs(1);
+/// A changed file must stay unchanged this long before it is read, so a
+/// writer caught half-way is not reported as an invalid config.
+const SETTLE: Duration = Duration::from_millis(200);
+
+/// Starts the reload task; returns the sender SIGHUP uses. `loaded` is the
+/// fingerprint taken before the running config was read.
+pub fn spawn_watcher(
+    shared: Arc<Shared>,
+    path: PathBuf,
+    loaded: Option<Fingerprint>,
+) -> mpsc::Sender<Trigger> {
     let (tx, mut rx) = mpsc::channel::<Trigger>(8);
-    let poll_tx = tx.clone();
-    let poll_path = path.clone();
     tokio::spawn(async move {
-        let mut last = fingerprint(&poll_path);
+        let mut last = loaded;
+        let mut tick = tokio::time::interval_at(Instant::now() + POLL, POLL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            tokio::time::sleep(Duration::from_secs(1)).await;
-            let now = fingerprint(&poll_path);
-            if now != last && now.is_some() {
-                last = now;
-                if poll_tx.send(Trigger::FileChanged).await.is_err() {
-                    return;
+            let why = tokio::select! {
+                t = rx.recv() => match t {
+                    None => return,
+                    Some(Trigger::Signal) => {
+                        // SIGHUP also reopens a file access log (logrotate).
+                        shared.access_log.reopen();
+                        "SIGHUP"
+                    }
+                    Some(Trigger::FileChanged) => "file changed",
+                },
+                _ = tick.tick() => {
+                    let now = fingerprint(&path);
+                    if now.is_none() || now == last {
+                        continue;
+                    }
+                    tokio::time::sleep(SETTLE).await;
+                    if fingerprint(&path) != now {
+                        continue; // still being written: look again next tick
+                    }
+                    "file changed"
                 }
-            }
-        }
-    });
-    tokio::spawn(async move {
-        while let Some(t) = rx.recv().await {
-            let why = match t {
-                Trigger::Signal => "SIGHUP",
-                Trigger::FileChanged => "file changed",
             };
+            // Taken before reading: a change made after it is seen next tick.
+            last = fingerprint(&path).or(last);
             reload(&shared, &path, why);
         }
     });
     tx
 }
 
+/// The outcome of comparing a new file with the running config, pure.
+#[derive(Debug)]
+pub struct Plan {
+    /// The new config with the restart-required keys pinned to their
+    /// running values: what is in force after the reload.
+    pub effective: Config,
+    pub restart_required: Vec<String>,
+    pub rerun_init: bool,
+    /// Entries of the previous generation that the new one lacks.
+    pub removed: HashSet<String>,
+}
+
+/// Compares `new` with the config the process started with (`started`: what
+/// the listeners and `init` were set up from) and the one in force (`old`).
+pub fn plan(started: &Config, old: &Config, mut new: Config) -> Plan {
+    let mut restart = Vec::new();
+    let (a, b) = (&started.proxy, &mut new.proxy);
+    if a.listen != b.listen {
+        restart.push("proxy.listen".to_string());
+        b.listen = a.listen.clone();
+    }
+    if a.health != b.health {
+        restart.push("proxy.health".to_string());
+        b.health = a.health;
+    }
+    if a.admin != b.admin {
+        restart.push("proxy.admin".to_string());
+        b.admin = a.admin;
+    }
+    if a.access_log != b.access_log {
+        restart.push("proxy.access_log".to_string());
+        b.access_log = a.access_log.clone();
+    }
+    if a.max_connections != b.max_connections {
+        restart.push("proxy.max_connections".to_string());
+        b.max_connections = a.max_connections;
+    }
+    let redirect_changed = started.redirect != new.redirect;
+    if redirect_changed {
+        restart.push("redirect".to_string());
+        new.redirect = started.redirect.clone();
+    }
+    // The non-TCP filter is init's: TCP follows the new policy at once, the
+    // installed filter does not.
+    let filter = crate::init::render::filter_active;
+    let rerun_init = filter(started) != filter(&new) || redirect_changed;
+    let kept: HashSet<&str> = new.entries.iter().map(|e| e.name.as_str()).collect();
+    let removed = old
+        .entries
+        .iter()
+        .map(|e| e.name.clone())
+        .filter(|n| !kept.contains(n.as_str()))
+        .collect();
+    Plan {
+        effective: new,
+        restart_required: restart,
+        rerun_init,
+        removed,
+    }
+}
+
 /// One reload attempt.
-pub fn reload(shared: &Arc<Shared>, path: &std::path::Path, why: &str) {
+pub fn reload(shared: &Arc<Shared>, path: &Path, why: &str) {
     let now = crate::access_log::timestamp(SystemTime::now());
     let new = match Config::load(path) {
-        Ok(c) => Arc::new(c),
+        Ok(c) => c,
         Err(e) => {
             tracing::error!(trigger = why, error = %e, "reload failed: the running config stays");
             shared
@@ -106,61 +207,56 @@ pub fn reload(shared: &Arc<Shared>, path: &std::path::Path, why: &str) {
     };
     let old = shared.generation();
     let started = shared.started_config();
-    let mut restart = Vec::new();
-    let (a, b) = (&started.proxy, &new.proxy);
-    if a.listen != b.listen {
-        restart.push("proxy.listen".to_string());
-    }
-    if a.health != b.health {
-        restart.push("proxy.health".to_string());
-    }
-    if a.admin != b.admin {
-        restart.push("proxy.admin".to_string());
-    }
-    if a.access_log != b.access_log {
-        restart.push("proxy.access_log".to_string());
-    }
-    if a.max_connections != b.max_connections {
-        restart.push("proxy.max_connections".to_string());
-    }
-    if started.redirect != new.redirect {
-        restart.push("redirect".to_string());
-    }
-    let rerun_init = started.outbound_traffic_policy != new.outbound_traffic_policy
-        || started.audit_mode() != new.audit_mode();
-    if !restart.is_empty() {
-        tracing::warn!(keys = ?restart, "restart required: these keys changed but take effect only after a restart");
+    let Plan {
+        effective,
+        restart_required,
+        rerun_init,
+        removed,
+    } = plan(&started, old.config(), new);
+    if !restart_required.is_empty() {
+        tracing::warn!(keys = ?restart_required, "restart required: these keys changed but keep their running values until a restart");
     }
     if rerun_init {
-        tracing::warn!("re-run init: outbound_traffic_policy or audit changed; TCP follows at once, but the non-TCP filter installed by `portcullis init` still reflects the old policy");
+        tracing::warn!("re-run init: the rules installed by `portcullis init` no longer match the config (outbound_traffic_policy/audit change the non-TCP filter; [redirect] changes the rules); TCP follows the new policy at once");
     }
     shared
         .metrics
         .rules_match
         .set(if rerun_init { 0 } else { 1 });
-    for w in &new.warnings {
+    for w in &effective.warnings {
         tracing::warn!("{w}");
     }
-    let removed: HashSet<String> = {
-        let kept: HashSet<&str> = new.entries.iter().map(|e| e.name.as_str()).collect();
-        old.config()
-            .entries
-            .iter()
-            .map(|e| e.name.clone())
-            .filter(|n| !kept.contains(n.as_str()))
-            .collect()
-    };
-    let revoke = new.proxy.revoke_on_reload && !removed.is_empty();
-    let drain = new.proxy.drain_timeout;
-    let entries = new.entries.len();
-    shared.install(Arc::new(Generation::new(new)));
-    if revoke {
+    let revoke = effective.proxy.revoke_on_reload;
+    let drain = effective.proxy.drain_timeout;
+    let kept: HashSet<String> = effective.entries.iter().map(|e| e.name.clone()).collect();
+    let entries = effective.entries.len();
+    shared.install(Arc::new(Generation::new(Arc::new(effective))));
+
+    // Revocations: earlier ones stand unless the entry came back; this
+    // reload's removals are added when revoke_on_reload is set.
+    let prev = shared.revocations().borrow().clone();
+    let at = Instant::now() + drain;
+    let mut deadlines: HashMap<String, Instant> = prev
+        .deadlines
+        .iter()
+        .filter(|(name, when)| {
+            !kept.contains(*name) && when.elapsed() < Duration::from_secs(60)
+        })
+        .map(|(n, w)| (n.clone(), *w))
+        .collect();
+    if revoke && !removed.is_empty() {
         tracing::info!(entries = ?removed, after = ?drain, "revoke_on_reload: flows of removed entries will be closed");
+        for name in &removed {
+            deadlines.entry(name.clone()).or_insert(at);
+        }
+    }
+    if deadlines != *prev.deadlines {
         shared.revoke(Revocation {
-            removed: Arc::new(removed),
-            at: Some(tokio::time::Instant::now() + drain),
+            deadlines: Arc::new(deadlines),
+            all: prev.all,
         });
     }
+
     shared
         .metrics
         .reloads
@@ -171,8 +267,156 @@ pub fn reload(shared: &Arc<Shared>, path: &std::path::Path, why: &str) {
         s.last_reload = Some(now);
         s.last_result = Some("success");
         s.last_error = None;
-        s.restart_required = restart;
+        s.restart_required = restart_required;
         s.rerun_init = rerun_init;
     });
     tracing::info!(trigger = why, entries, "config reloaded");
+}
+
+/// Closes every flow at `at` (the end of a drain).
+pub fn close_all(shared: &Shared, at: Instant) {
+    let prev = shared.revocations().borrow().clone();
+    shared.revoke(Revocation {
+        deadlines: prev.deadlines,
+        all: Some(at),
+    });
+}
+
+/// Resolves when an established flow of `entry` must be closed from outside
+/// its relay; says why. Never resolves for a flow nobody revokes.
+pub async fn closed(shared: &Shared, entry: &str) -> &'static str {
+    let mut rx = shared.revocations();
+    loop {
+        let r = rx.borrow_and_update().clone();
+        let deadline = match (r.all, r.deadlines.get(entry)) {
+            (Some(a), Some(d)) => Some((a.min(*d), a <= *d)),
+            (Some(a), None) => Some((a, true)),
+            (None, Some(d)) => Some((*d, false)),
+            (None, None) => None,
+        };
+        match deadline {
+            Some((at, all)) => {
+                tokio::select! {
+                    () = tokio::time::sleep_until(at) => {
+                        if all {
+                            return "closed: drain_timeout passed at shutdown";
+                        }
+                        // Defensive: a newer generation may have the entry again.
+                        let back = shared
+                            .generation()
+                            .config()
+                            .entries
+                            .iter()
+                            .any(|e| e.name == entry);
+                        if !back {
+                            return "revoked: a reload removed the entry";
+                        }
+                        if rx.changed().await.is_err() {
+                            std::future::pending::<()>().await;
+                        }
+                    }
+                    ch = rx.changed() => {
+                        if ch.is_err() {
+                            std::future::pending::<()>().await;
+                        }
+                    }
+                }
+            }
+            None => {
+                if rx.changed().await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(text: &str) -> Config {
+        Config::parse(Path::new("t.toml"), text).unwrap()
+    }
+
+    const BASE: &str = "[proxy]\nlisten = [\"127.0.0.1:15001\"]\n[redirect]\nproxy_uid = 1337\n";
+    const API: &str = "[[service_entry]]\nname = \"api\"\nhosts = [\"api.example.com\"]\nports = [{ number = 443, protocol = \"TLS\" }]\n";
+    const FILES: &str = "[[service_entry]]\nname = \"files\"\nhosts = [\"files.example.com\"]\nports = [{ number = 443, protocol = \"TLS\" }]\n";
+
+    #[test]
+    fn entries_only_change_nothing_else() {
+        let a = cfg(&format!("{BASE}{API}{FILES}"));
+        let p = plan(&a, &a, cfg(&format!("{BASE}{API}")));
+        assert!(p.restart_required.is_empty());
+        assert!(!p.rerun_init);
+        assert_eq!(p.removed, HashSet::from(["files".to_string()]));
+    }
+
+    #[test]
+    fn restart_required_keys_keep_their_running_values() {
+        let a = cfg(&format!("{BASE}{API}"));
+        let b = cfg(&format!(
+            "[proxy]\nlisten = [\"127.0.0.1:15002\"]\nadmin = \"127.0.0.1:16000\"\nhealth = \"off\"\naccess_log = \"off\"\nmax_connections = 10\nidle_timeout = \"5s\"\n[redirect]\nproxy_uid = 1338\n{API}"
+        ));
+        let p = plan(&a, &a, b);
+        assert_eq!(
+            p.restart_required,
+            [
+                "proxy.listen",
+                "proxy.health",
+                "proxy.admin",
+                "proxy.access_log",
+                "proxy.max_connections",
+                "redirect"
+            ]
+        );
+        let e = &p.effective;
+        assert_eq!(e.proxy.listen, a.proxy.listen);
+        assert_eq!(e.proxy.admin, a.proxy.admin);
+        assert_eq!(e.proxy.health, a.proxy.health);
+        assert_eq!(e.proxy.access_log, a.proxy.access_log);
+        assert_eq!(e.proxy.max_connections, a.proxy.max_connections);
+        assert_eq!(e.redirect, a.redirect);
+        // what may change, does
+        assert_eq!(e.proxy.idle_timeout, Duration::from_secs(5));
+        assert!(p.rerun_init, "[redirect] changed: the rules are stale");
+    }
+
+    #[test]
+    fn rerun_init_follows_the_non_tcp_filter() {
+        let strict = cfg(&format!("{BASE}{API}"));
+        let audit = cfg(&format!("audit = true\n{BASE}{API}"));
+        let any = cfg(&format!("outbound_traffic_policy = \"ALLOW_ANY\"\n{BASE}{API}"));
+        let any_audit = cfg(&format!(
+            "outbound_traffic_policy = \"ALLOW_ANY\"\naudit = true\n{BASE}{API}"
+        ));
+        assert!(plan(&strict, &strict, audit.clone()).rerun_init);
+        assert!(plan(&strict, &strict, any.clone()).rerun_init);
+        assert!(plan(&audit, &audit, strict.clone()).rerun_init);
+        // no filter before, none after
+        assert!(!plan(&audit, &audit, any.clone()).rerun_init);
+        assert!(!plan(&any, &any, any_audit).rerun_init);
+        // back to what init installed: the rules match again
+        assert!(!plan(&strict, &audit, strict.clone()).rerun_init);
+    }
+
+    #[test]
+    fn fingerprint_follows_a_configmap_symlink_swap() {
+        let dir = std::env::temp_dir().join(format!("portcullis-fp-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("..2026_01")).unwrap();
+        std::fs::create_dir_all(dir.join("..2026_02")).unwrap();
+        std::fs::write(dir.join("..2026_01/config.toml"), "a = 1\n").unwrap();
+        std::fs::write(dir.join("..2026_02/config.toml"), "a = 2\n").unwrap();
+        std::os::unix::fs::symlink("..2026_01", dir.join("..data")).unwrap();
+        std::os::unix::fs::symlink("..data/config.toml", dir.join("config.toml")).unwrap();
+        let path = dir.join("config.toml");
+        let before = fingerprint(&path).unwrap();
+        assert_eq!(fingerprint(&path), Some(before));
+        std::os::unix::fs::symlink("..2026_02", dir.join("..data_tmp")).unwrap();
+        std::fs::rename(dir.join("..data_tmp"), dir.join("..data")).unwrap();
+        let after = fingerprint(&path).unwrap();
+        assert_ne!(before, after, "same size, maybe same mtime: the inode differs");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -6,8 +6,9 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::signal::unix::{signal, SignalKind};
+use tokio::time::Instant;
 
+use tokio::signal::unix::{signal, SignalKind};
 use crate::config::Config;
 use crate::proxy::{accept_loop, bind_listeners, spawn_tcp_resolution, Shared};
 
@@ -36,11 +37,19 @@ pub fn check_self_exclusion(cfg: &Config) -> Result<(), RunError> {
 
 /// Runs the proxy until SIGTERM/SIGINT and the drain that follows.
 pub async fn run(path: &Path) -> Result<(), RunError> {
+    // Taken before reading, so an edit racing the start is seen as a change.
+    let loaded = crate::reload::fingerprint(path);
     let config = Arc::new(Config::load(path)?);
     check_self_exclusion(&config)?;
     for w in &config.warnings {
         tracing::warn!("{w}");
     }
+    // Handlers first: from here on SIGTERM drains instead of killing.
+    let mut signals = Signals {
+        term: signal(SignalKind::terminate())?,
+        int: signal(SignalKind::interrupt())?,
+        hup: signal(SignalKind::hangup())?,
+    };
     let shared = Shared::new(config.clone())?;
     let listeners = bind_listeners(&config.proxy.listen)?;
     for l in listeners {
@@ -53,44 +62,94 @@ pub async fn run(path: &Path) -> Result<(), RunError> {
     crate::admin::spawn(shared.clone(), &config).await?;
     shared.listening.store(true, Ordering::Release);
 
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    let mut hup = signal(SignalKind::hangup())?;
-    let reloads = crate::reload::spawn_watcher(shared.clone(), path.to_path_buf());
-    loop {
+    let reloads = crate::reload::spawn_watcher(shared.clone(), path.to_path_buf(), loaded);
+    let why = loop {
         tokio::select! {
-            _ = term.recv() => break,
-            _ = int.recv() => break,
-            _ = hup.recv() => {
+            _ = signals.term.recv() => break "SIGTERM",
+            _ = signals.int.recv() => break "SIGINT",
+            _ = signals.hup.recv() => {
                 let _ = reloads.send(crate::reload::Trigger::Signal).await;
             }
         }
-    }
-    drain(&shared).await;
+    };
+    drain(&shared, why, &mut signals, &reloads).await;
     Ok(())
+}
+
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
 }
 
 /// DESIGN §4 shutdown: /ready turns 503 while the proxy keeps accepting and
 /// serving for at least `drain_min`, then until no flows remain or
-/// `drain_timeout` passes.
-async fn drain(shared: &Arc<Shared>) {
+/// `drain_timeout` (counted from the signal) passes. Flows still open then
+/// are closed and logged; the access log is flushed; the caller exits 0.
+/// SIGHUP still reloads meanwhile; a second SIGINT (Ctrl-C) ends the drain.
+async fn drain(
+    shared: &Arc<Shared>,
+    why: &str,
+    signals: &mut Signals,
+    reloads: &tokio::sync::mpsc::Sender<crate::reload::Trigger>,
+) {
     shared.draining.store(true, Ordering::Release);
-    let cfg = shared.generation();
-    let cfg = cfg.config();
+    let start = Instant::now();
+    let (drain_min, drain_timeout) = {
+        let g = shared.generation();
+        (g.config().proxy.drain_min, g.config().proxy.drain_timeout)
+    };
+    let min_until = start + drain_min;
+    let hard = start + drain_timeout.max(drain_min);
+    let active = || shared.active.load(Ordering::Acquire);
     tracing::info!(
-        drain_min = ?cfg.proxy.drain_min,
-        drain_timeout = ?cfg.proxy.drain_timeout,
-        active = shared.active.load(Ordering::Acquire),
-        "SIGTERM: draining"
+        signal = why,
+        drain_min = ?drain_min,
+        drain_timeout = ?drain_timeout,
+        active = active(),
+        "draining: /ready says 503, flows are still accepted and served"
     );
-    tokio::time::sleep(cfg.proxy.drain_min).await;
-    let deadline =
-        tokio::time::Instant::now() + cfg.proxy.drain_timeout.saturating_sub(cfg.proxy.drain_min);
-    while shared.active.load(Ordering::Acquire) > 0 && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    loop {
+        let now = Instant::now();
+        if now >= hard || (now >= min_until && active() == 0) {
+            break;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+            _ = signals.int.recv() => {
+                tracing::warn!("second SIGINT: ending the drain now");
+                break;
+            }
+            _ = signals.term.recv() => {
+                tracing::info!("SIGTERM again: already draining");
+            }
+            _ = signals.hup.recv() => {
+                let _ = reloads.send(crate::reload::Trigger::Signal).await;
+            }
+        }
+    }
+    if active() > 0 {
+        tracing::warn!(
+            active = active(),
+            "drain over: closing the flows still open"
+        );
+        crate::reload::close_all(shared, Instant::now());
+        // Each closed flow writes its access-log line as it ends.
+        let until = Instant::now() + Duration::from_secs(1);
+        while active() > 0 && Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
     tracing::info!(
-        active = shared.active.load(Ordering::Acquire),
+        active = active(),
+        elapsed = ?start.elapsed(),
         "drained: exiting"
     );
+    let log = shared.access_log.clone();
+    let flushed = tokio::task::spawn_blocking(move || log.flush(Duration::from_secs(2)))
+        .await
+        .unwrap_or(false);
+    if !flushed {
+        tracing::warn!("access log: lines still queued at exit are lost (is its reader blocked?)");
+    }
 }

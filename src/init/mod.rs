@@ -80,20 +80,26 @@ pub struct Outcome {
 /// `portcullis init`.
 pub fn run(opts: &Options) -> Result<Outcome, InitError> {
     if opts.cleanup {
-        return cleanup(opts);
+        return cleanup(opts.backend, opts.dry_run);
     }
     let cfg = Config::load(&opts.config)?;
-    let resolvers = resolvers_from_env()?;
-    let rules = render::render(&cfg, &resolvers);
-    let mut notes = render::warnings(&cfg);
     if opts.dry_run {
+        let rules = render::render(&cfg, &resolvers_from_env()?);
         return Ok(Outcome {
             stdout: rules.dry_run_text(),
-            notes,
+            notes: render::warnings(&cfg),
         });
     }
+    install(&cfg, opts.backend)
+}
+
+/// Installs the rules of `cfg` in the current network namespace (what
+/// `init` does, and what `run --redirect` needs before it starts the proxy).
+pub fn install(cfg: &Config, choice: BackendChoice) -> Result<Outcome, InitError> {
+    let rules = render::render(cfg, &resolvers_from_env()?);
+    let mut notes = render::warnings(cfg);
     let tools = apply::Tools::default();
-    let backend = pick_backend(&tools, opts.backend)?;
+    let backend = pick_backend(&tools, choice)?;
     let mut summary = Vec::new();
     for rs in rules.families() {
         if rs.family == Family::V6 && !ipv6_in_kernel() {
@@ -133,20 +139,21 @@ pub fn run(opts: &Options) -> Result<Outcome, InitError> {
     })
 }
 
-/// `--cleanup`: every chain and jump portcullis owns goes, whatever the config
-/// says now (it is not even read). Under `--backend auto` every backend
-/// holding portcullis rules is cleaned.
-fn cleanup(opts: &Options) -> Result<Outcome, InitError> {
+/// `--cleanup`: every chain and jump portcullis owns goes, whatever the
+/// config says now (it is not even read). Under `auto` every backend present
+/// is cleaned (rules may have been installed under another one). With
+/// `dry_run` the restore input is printed instead of applied.
+pub fn cleanup(choice: BackendChoice, dry_run: bool) -> Result<Outcome, InitError> {
     let tools = apply::Tools::default();
-    let backends = match opts.backend {
+    let backends = match choice {
         BackendChoice::Nft => vec![Backend::Nft],
         BackendChoice::Legacy => vec![Backend::Legacy],
         BackendChoice::Auto => {
             let mut found: Vec<Backend> = [Backend::Nft, Backend::Legacy]
                 .into_iter()
-                .filter(|b| tools.has(&b.tool(Family::V4, false)))
+                .filter(|b| tools.has(&b.tool(Family::V4, true)))
                 .collect();
-            if found.is_empty() && tools.has(&Backend::Plain.tool(Family::V4, false)) {
+            if found.is_empty() && tools.has(&Backend::Plain.tool(Family::V4, true)) {
                 found.push(Backend::Plain);
             }
             if found.is_empty() {
@@ -163,18 +170,12 @@ fn cleanup(opts: &Options) -> Result<Outcome, InitError> {
             if fam == Family::V6 && !ipv6_in_kernel() {
                 continue;
             }
-            let tool = backend.tool(fam, true);
-            if opts.backend == BackendChoice::Auto
-                && backend == Backend::Legacy
-                && !tools.has(&tool)
-            {
-                continue;
-            }
             let saved = match tools.save(backend, fam) {
                 Ok(s) => s,
-                // A backend that cannot even list (no kernel support) holds nothing.
-                Err(InitError::ToolFailed { .. }) if opts.backend == BackendChoice::Auto => {
-                    notes.push(format!("{tool} failed: nothing to clean there"));
+                // Under auto, a backend that cannot even list (no kernel
+                // support) holds nothing; a permission problem is fatal.
+                Err(InitError::ToolFailed { tool, .. }) if choice == BackendChoice::Auto => {
+                    notes.push(format!("{tool} failed: nothing cleaned there"));
                     continue;
                 }
                 Err(e) => return Err(e),
@@ -183,7 +184,7 @@ fn cleanup(opts: &Options) -> Result<Outcome, InitError> {
             if plan.is_empty() {
                 continue;
             }
-            if opts.dry_run {
+            if dry_run {
                 out.push_str(&format!("# {}\n", backend.tool(fam, false)));
                 out.push_str(&plan.input);
             } else {
@@ -198,7 +199,7 @@ fn cleanup(opts: &Options) -> Result<Outcome, InitError> {
             ));
         }
     }
-    if !opts.dry_run {
+    if !dry_run {
         out = if removed.is_empty() {
             "portcullis init --cleanup: no portcullis rules found\n".to_string()
         } else {

@@ -541,27 +541,12 @@ async fn write_and_relay(
             }
         },
     );
-    // revoke_on_reload: a reload that removed this flow's entry closes it
-    // after drain_timeout.
-    let mut revocations = shared.revocations();
-    let revoked = async {
-        loop {
-            let r = revocations.borrow_and_update().clone();
-            if let Some(at) = r.at {
-                if r.removed.contains(entry) {
-                    tokio::time::sleep_until(at).await;
-                    return;
-                }
-            }
-            if revocations.changed().await.is_err() {
-                std::future::pending::<()>().await;
-            }
-        }
-    };
+    // Closed from outside: revoke_on_reload (a reload removed the entry) or
+    // the end of a drain (see reload::closed).
     let end = tokio::select! {
         end = relay => end,
-        () = revoked => {
-            flow.rec.error = Some("revoked: the entry was removed by a reload".into());
+        why = crate::reload::closed(shared, entry) => {
+            flow.rec.error = Some(why.to_string());
             return;
         }
     };

@@ -90,6 +90,9 @@ pub struct Shared {
     pub draining: AtomicBool,
     /// Listeners are bound.
     pub listening: AtomicBool,
+    /// The first generation's DNS TCP entries had their resolution attempt:
+    /// readiness is a start-up condition, a reload does not take it back.
+    resolved_once: AtomicBool,
     pub denied: crate::admin::Denied,
     /// The config the process started with (what `init` installed, what
     /// the listeners were bound from).
@@ -149,9 +152,17 @@ impl Shared {
     }
 
     pub fn ready(&self) -> bool {
-        self.listening.load(Ordering::Acquire)
-            && !self.draining.load(Ordering::Acquire)
-            && self.generation().resolution_attempted()
+        if !self.listening.load(Ordering::Acquire) || self.draining.load(Ordering::Acquire) {
+            return false;
+        }
+        if self.resolved_once.load(Ordering::Acquire) {
+            return true;
+        }
+        let now = self.generation().resolution_attempted();
+        if now {
+            self.resolved_once.store(true, Ordering::Release);
+        }
+        now
     }
 }
 
@@ -189,6 +200,7 @@ impl Shared {
             max_connections,
             draining: AtomicBool::new(false),
             listening: AtomicBool::new(false),
+            resolved_once: AtomicBool::new(false),
             denied: Default::default(),
             started: config,
             reload_status: Mutex::new(ReloadStatus::default()),

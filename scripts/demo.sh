@@ -1,0 +1,130 @@
+#!/usr/bin/env bash
+# Quick start: builds portcullis and runs its main job — `portcullis init`
+# plus `portcullis run` guarding a workload — in a throwaway world of two
+# network namespaces, so nothing on this machine's own network changes:
+#
+#   pod  (192.0.2.2)   the "workload": init installs the REDIRECT rules, the
+#                      proxy runs as uid 1337 with ./config.toml, curl plays
+#                      the application
+#   inet (192.0.2.10, 198.51.100.7, ...)  upstream TLS/HTTP/TCP servers
+#
+# Run as root: sudo ./scripts/demo.sh   (KEEP=1 leaves the world running
+# until you press Enter, so you can try your own flows.)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ "$(id -u)" -ne 0 ]; then
+  echo "scripts/demo.sh: run as root (it creates network namespaces)" >&2
+  exit 1
+fi
+
+scripts/install-test-deps.sh
+cargo build --release --quiet
+BIN=$PWD/target/release/portcullis
+CONFIG=$PWD/config.toml
+
+N="pcd$$"
+POD="${N}p"
+INET="${N}i"
+WORK=$(mktemp -d /tmp/portcullis-demo.XXXXXX)
+chmod 755 "$WORK"
+PIDS=()
+
+cleanup() {
+  for p in "${PIDS[@]:-}"; do
+    [ -n "$p" ] && kill "$p" 2>/dev/null || true
+  done
+  sleep 0.2
+  ip netns del "$POD" 2>/dev/null || true
+  ip netns del "$INET" 2>/dev/null || true
+  rm -rf "/etc/netns/$POD" "/etc/netns/$INET" "$WORK"
+}
+trap cleanup EXIT
+
+in_pod() { ip netns exec "$POD" "$@"; }
+in_inet() { ip netns exec "$INET" "$@"; }
+
+echo "== building a world: namespaces $POD (workload) and $INET (internet)"
+ip netns add "$POD"
+ip netns add "$INET"
+ip link add "${N}a" type veth peer name "${N}b"
+ip link set "${N}a" netns "$POD"
+ip link set "${N}b" netns "$INET"
+in_pod ip link set lo up
+in_inet ip link set lo up
+in_pod ip link set "${N}a" name eth0
+in_inet ip link set "${N}b" name eth0
+in_pod ip addr add 192.0.2.2/24 dev eth0
+in_pod ip addr add 2001:db8::2/64 dev eth0 nodad
+in_inet ip addr add 192.0.2.1/24 dev eth0
+in_inet ip addr add 2001:db8::1/64 dev eth0 nodad
+for a in 192.0.2.10 192.0.2.11 198.51.100.7 203.0.113.5; do in_inet ip addr add "$a/32" dev eth0; done
+in_inet ip addr add 2001:db8::10/128 dev eth0 nodad
+in_pod ip link set eth0 up
+in_inet ip link set eth0 up
+in_pod ip route add default via 192.0.2.1
+in_pod ip -6 route add default via 2001:db8::1
+
+# Names come from the pod's hosts file; its resolver address answers nothing,
+# so nothing ever leaves the world.
+mkdir -p "/etc/netns/$POD"
+cat >"/etc/netns/$POD/hosts" <<'EOF'
+127.0.0.1 localhost
+192.0.2.10 api.example.com
+2001:db8::10 api.example.com
+192.0.2.11 a.files.example.com
+198.51.100.7 other.example.net
+EOF
+echo "nameserver 192.0.2.53" >"/etc/netns/$POD/resolv.conf"
+
+openssl req -x509 -newkey rsa:2048 -nodes -days 1 -subj /CN=demo \
+  -keyout "$WORK/key.pem" -out "$WORK/cert.pem" \
+  -addext "subjectAltName=DNS:api.example.com,DNS:*.files.example.com,DNS:other.example.net" 2>/dev/null
+in_inet python3 -u tests/upstreams.py --cert "$WORK/cert.pem" --key "$WORK/key.pem" >"$WORK/upstreams.log" 2>&1 &
+PIDS+=($!)
+for _ in $(seq 100); do grep -q READY "$WORK/upstreams.log" && break; sleep 0.05; done
+
+echo "== portcullis check"
+"$BIN" check -c "$CONFIG" | sed 's/^/   /'
+
+echo "== portcullis init (in the pod): the redirect and egress rules"
+in_pod "$BIN" init -c "$CONFIG"
+in_pod iptables -t nat -S PORTCULLIS_OUTPUT | sed 's/^/   /'
+
+echo "== portcullis run (in the pod, as uid 1337)"
+in_pod setpriv --reuid 1337 --regid 1337 --clear-groups \
+  "$BIN" run -c "$CONFIG" >"$WORK/access.log" 2>"$WORK/proxy.log" &
+PIDS+=($!)
+in_pod "$BIN" wait --url http://127.0.0.1:15021/ready --timeout 10s
+
+CURL=(curl -sS --max-time 5 --cacert "$WORK/cert.pem")
+echo
+echo "== allowed: https://api.example.com/ (entry payments-api)"
+in_pod "${CURL[@]}" https://api.example.com/ | sed 's/^/   /'
+echo "== allowed: http://a.files.example.com/ (entry file-store, wildcard)"
+in_pod "${CURL[@]}" http://a.files.example.com/ | sed 's/^/   /'
+echo "== denied: https://other.example.net/ (not in the registry: TLS alert)"
+in_pod "${CURL[@]}" https://other.example.net/ 2>&1 | sed 's/^/   /' || true
+echo "== denied: http://other.example.net/ (HTTP 403 naming host and reason)"
+in_pod "${CURL[@]}" http://other.example.net/ | sed 's/^/   /'
+echo "== spoofed: SNI api.example.com sent to 198.51.100.7 ends at the real api.example.com"
+in_pod "${CURL[@]}" --connect-to api.example.com:443:198.51.100.7:443 https://api.example.com/ | sed 's/^/   /'
+echo
+echo "== the access log (one JSON line per flow)"
+sleep 0.3
+sed 's/^/   /' "$WORK/access.log"
+echo
+echo "== a few metrics (http://127.0.0.1:15000/metrics in the pod)"
+in_pod curl -sS http://127.0.0.1:15000/metrics | grep -E '^portcullis_connections_total' | sed 's/^/   /'
+echo
+echo "== explain: why was other.example.net denied?"
+"$BIN" explain -c "$CONFIG" --dst 198.51.100.7:443 --sni other.example.net | sed 's/^/   /'
+
+if [ "${KEEP:-0}" = 1 ]; then
+  echo
+  echo "The world stays up: try  ip netns exec $POD curl -v https://api.example.com/ -k"
+  echo "Press Enter to tear it down."
+  read -r _
+fi
+in_pod "$BIN" init -c "$CONFIG" --cleanup
+echo "== done: rules removed, namespaces deleted"

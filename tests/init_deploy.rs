@@ -1,0 +1,205 @@
+//! The deployment examples in deploy/ say what DESIGN.md §5 requires of a
+//! deployment: init with NET_ADMIN/NET_RAW as root, the proxy as a native
+//! sidecar running as [redirect] proxy_uid/proxy_gid with a startup probe on
+//! /ready, the app as another uid without capabilities; the systemd unit runs
+//! init privileged before the proxy and leaves the rules when it stops.
+
+use std::path::{Path, PathBuf};
+
+use portcullis::config::Config;
+use serde_norway::Value;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn yaml(rel: &str) -> Vec<Value> {
+    let path = root().join(rel);
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{rel}: {e}"));
+    let mut docs = Vec::new();
+    for doc in serde_norway::Deserializer::from_str(&text) {
+        let v: Value = serde::Deserialize::deserialize(doc)
+            .unwrap_or_else(|e| panic!("{rel} is not valid YAML: {e}"));
+        docs.push(v);
+    }
+    assert!(!docs.is_empty(), "{rel} holds no document");
+    docs
+}
+
+/// `v.a.b.c`, panicking with the path when something is missing.
+fn at<'a>(v: &'a Value, path: &str) -> &'a Value {
+    let mut cur = v;
+    for key in path.split('.') {
+        cur = match key.parse::<usize>() {
+            Ok(i) => cur.get(i),
+            Err(_) => cur.get(key),
+        }
+        .unwrap_or_else(|| panic!("missing `{path}` (at `{key}`)"));
+    }
+    cur
+}
+
+fn str_at<'a>(v: &'a Value, path: &str) -> &'a str {
+    at(v, path)
+        .as_str()
+        .unwrap_or_else(|| panic!("`{path}` is not a string"))
+}
+
+fn int_at(v: &Value, path: &str) -> i64 {
+    at(v, path)
+        .as_i64()
+        .unwrap_or_else(|| panic!("`{path}` is not an integer"))
+}
+
+fn strings(v: &Value, path: &str) -> Vec<String> {
+    at(v, path)
+        .as_sequence()
+        .unwrap_or_else(|| panic!("`{path}` is not a list"))
+        .iter()
+        .map(|x| x.as_str().unwrap_or_default().to_string())
+        .collect()
+}
+
+fn by_kind<'a>(docs: &'a [Value], kind: &str) -> &'a Value {
+    docs.iter()
+        .find(|d| d.get("kind").and_then(Value::as_str) == Some(kind))
+        .unwrap_or_else(|| panic!("no {kind}"))
+}
+
+fn named<'a>(list: &'a Value, name: &str) -> (usize, &'a Value) {
+    list.as_sequence()
+        .expect("a list of containers")
+        .iter()
+        .enumerate()
+        .find(|(_, c)| c.get("name").and_then(Value::as_str) == Some(name))
+        .unwrap_or_else(|| panic!("no container {name}"))
+}
+
+#[test]
+fn kubernetes_example() {
+    let docs: Vec<Value> = [
+        "deploy/kubernetes/configmap.yaml",
+        "deploy/kubernetes/deployment.yaml",
+    ]
+    .iter()
+    .flat_map(|f| yaml(f))
+    .collect();
+    let cm = by_kind(&docs, "ConfigMap");
+    let dep = by_kind(&docs, "Deployment");
+
+    // The registry in the ConfigMap is a valid config.
+    let cfg_text = at(cm, "data")
+        .get("config.toml")
+        .and_then(Value::as_str)
+        .expect("data.\"config.toml\"");
+    let cfg = Config::parse(Path::new("configmap.yaml"), cfg_text)
+        .unwrap_or_else(|e| panic!("the ConfigMap's config.toml: {e}"));
+    assert!(cfg.warnings.is_empty(), "{:?}", cfg.warnings);
+    let uid = i64::from(cfg.redirect.proxy_uid);
+    let gid = i64::from(cfg.redirect.proxy_gid.expect("proxy_gid set"));
+    let health = cfg.proxy.health.expect("health endpoint").port();
+    // ... and renders: the same rules init would install.
+    let rules = portcullis::init::render(&cfg, &[]);
+    assert!(rules.v4.table("nat").is_some() && rules.v6.table("filter").is_some());
+
+    let pod = at(dep, "spec.template.spec");
+    let inits = at(pod, "initContainers");
+    let (init_i, init) = named(inits, "portcullis-init");
+    let (side_i, side) = named(inits, "portcullis");
+    let (_, app) = named(at(pod, "containers"), "app");
+    assert!(init_i < side_i, "the rules go in before the proxy starts");
+
+    // init: root with NET_ADMIN and NET_RAW, running `portcullis init -c FILE`
+    assert_eq!(strings(init, "args")[..2], ["init", "-c"]);
+    assert_eq!(int_at(init, "securityContext.runAsUser"), 0);
+    assert_eq!(
+        at(init, "securityContext.runAsNonRoot").as_bool(),
+        Some(false)
+    );
+    let add = strings(init, "securityContext.capabilities.add");
+    assert!(
+        add.contains(&"NET_ADMIN".into()) && add.contains(&"NET_RAW".into()),
+        "{add:?}"
+    );
+
+    // the proxy: a native sidecar as proxy_uid/proxy_gid, probed on /ready
+    assert_eq!(str_at(side, "restartPolicy"), "Always");
+    assert_eq!(
+        strings(side, "args"),
+        ["run", "-c", "/etc/portcullis/config.toml"]
+    );
+    assert_eq!(int_at(side, "securityContext.runAsUser"), uid);
+    assert_eq!(int_at(side, "securityContext.runAsGroup"), gid);
+    assert_eq!(str_at(side, "startupProbe.httpGet.path"), "/ready");
+    assert_eq!(int_at(side, "startupProbe.httpGet.port"), i64::from(health));
+    assert_eq!(health, 15021);
+    assert!(side
+        .get("securityContext")
+        .and_then(|s| s.get("capabilities"))
+        .and_then(|c| c.get("add"))
+        .is_none());
+
+    // the app: another uid, no capabilities, no escalation
+    let app_uid = int_at(app, "securityContext.runAsUser");
+    assert_ne!(app_uid, uid);
+    assert_ne!(app_uid, 0);
+    assert_eq!(strings(app, "securityContext.capabilities.drop"), ["ALL"]);
+    assert!(at(app, "securityContext.capabilities").get("add").is_none());
+    assert_eq!(
+        at(app, "securityContext.allowPrivilegeEscalation").as_bool(),
+        Some(false)
+    );
+
+    // both portcullis containers read the ConfigMap at /etc/portcullis
+    let cm_name = str_at(cm, "metadata.name");
+    let vol = at(pod, "volumes")
+        .as_sequence()
+        .expect("volumes")
+        .iter()
+        .find(|v| v.get("configMap").is_some())
+        .expect("a configMap volume");
+    assert_eq!(str_at(vol, "configMap.name"), cm_name);
+    for c in [init, side] {
+        let m = at(c, "volumeMounts.0");
+        assert_eq!(str_at(m, "name"), str_at(vol, "name"));
+        assert_eq!(str_at(m, "mountPath"), "/etc/portcullis");
+    }
+}
+
+#[test]
+fn systemd_unit() {
+    let text = std::fs::read_to_string(root().join("deploy/systemd/portcullis.service"))
+        .expect("deploy/systemd/portcullis.service");
+    let keys: Vec<(&str, &str)> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.starts_with('#') && !l.starts_with('[') && !l.is_empty())
+        .filter_map(|l| l.split_once('='))
+        .collect();
+    let get = |k: &str| -> Vec<&str> {
+        keys.iter()
+            .filter(|(key, _)| *key == k)
+            .map(|(_, v)| *v)
+            .collect()
+    };
+    assert_eq!(
+        get("ExecStartPre"),
+        ["+/usr/local/bin/portcullis init -c /etc/portcullis/config.toml"]
+    );
+    assert_eq!(
+        get("ExecStart"),
+        ["/usr/local/bin/portcullis run -c /etc/portcullis/config.toml"]
+    );
+    assert_eq!(get("ExecReload"), ["/bin/kill -HUP $MAINPID"]);
+    assert_eq!(get("User"), ["portcullis"]);
+    assert!(
+        get("ExecStopPost").is_empty(),
+        "rules must stay: fail closed"
+    );
+    assert!(get("ExecStop").is_empty());
+    // the comments say how to create the user with uid 1337
+    assert!(text.contains("useradd --system --uid 1337"));
+    // and the host example config matches that uid
+    let host = Config::load(&root().join("tests/fixtures/examples/host.toml")).expect("host.toml");
+    assert_eq!(host.redirect.proxy_uid, 1337);
+}
