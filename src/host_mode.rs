@@ -21,7 +21,8 @@ pub fn run(path: &Path) -> Result<u8, String> {
         return Err("portcullis run --redirect: must run as root (it installs iptables rules and then drops to proxy_uid)".into());
     }
     let cfg = Config::load(path).map_err(|e| e.to_string())?;
-    let installed = init::install(&cfg, BackendChoice::Auto).map_err(|e| format!("portcullis run --redirect: {e}"))?;
+    let installed = init::install(&cfg, BackendChoice::Auto)
+        .map_err(|e| format!("portcullis run --redirect: {e}"))?;
     for n in &installed.notes {
         eprintln!("portcullis init: {n}");
     }
@@ -33,7 +34,9 @@ pub fn run(path: &Path) -> Result<u8, String> {
     let status = rt.block_on(supervise(path, &cfg));
     match init::cleanup(BackendChoice::Auto, false) {
         Ok(_) => eprintln!("portcullis: redirect rules removed"),
-        Err(e) => eprintln!("portcullis: removing the redirect rules failed: {e} (run `portcullis init --cleanup`)"),
+        Err(e) => eprintln!(
+            "portcullis: removing the redirect rules failed: {e} (run `portcullis init --cleanup`)"
+        ),
     }
     status
 }

@@ -32,17 +32,21 @@ ports = [{ number = 443, protocol = "TLS" }]
     );
     let before = world.iptables_save(&world.pod);
     assert!(!before.contains("PORTCULLIS"), "{before}");
-    let mut host = world.spawn_pod(
-        Cmd::new(portcullis_bin())
-            .label("run --redirect")
-            .args(["run", "-c", cfg.to_str().unwrap(), "--redirect"]),
-    );
+    let mut host = world.spawn_pod(Cmd::new(portcullis_bin()).label("run --redirect").args([
+        "run",
+        "-c",
+        cfg.to_str().unwrap(),
+        "--redirect",
+    ]));
     world.wait_tcp(&world.pod, "127.0.0.1:15001".parse().unwrap());
     let rules = world.iptables_save(&world.pod);
     assert!(rules.contains("PORTCULLIS_OUTPUT"), "{rules}");
 
     // the proxy runs as proxy_uid, not root
-    let out = world.run_pod(Cmd::new("sh").args(["-c", "ps -o uid=,args= -u 1337 | grep 'portcullis run' | grep -v grep"]));
+    let out = world.run_pod(Cmd::new("sh").args([
+        "-c",
+        "ps -o uid=,args= -u 1337 | grep 'portcullis run' | grep -v grep",
+    ]));
     assert!(out.stdout.contains("portcullis"), "{out:?}");
 
     // an application (uid 1000) is redirected: allowed and denied
@@ -50,15 +54,25 @@ ports = [{ number = 443, protocol = "TLS" }]
     assert!(ok.ok().contains("tls ok sni=api.example.com"), "{ok:?}");
     let denied = world.curl_as(APP_UID, APP_UID, &["-4", "https://other.example.net/"]);
     assert!(!denied.success(), "{denied:?}");
-    assert!(host.stdout().contains("\"decision\":\"deny\""), "{}", host.logs(3000));
+    assert!(
+        host.stdout().contains("\"decision\":\"deny\""),
+        "{}",
+        host.logs(3000)
+    );
 
     // SIGTERM is forwarded; the child drains and exits; the rules go
     assert!(host.signal(libc::SIGTERM));
-    let st = host.wait_timeout(Duration::from_secs(15)).expect("host mode exits after SIGTERM");
+    let st = host
+        .wait_timeout(Duration::from_secs(15))
+        .expect("host mode exits after SIGTERM");
     assert!(st.success(), "{st:?}\n{}", host.logs(3000));
     let after = world.iptables_save(&world.pod);
     assert!(!after.contains("PORTCULLIS"), "rules left behind:\n{after}");
-    assert!(host.stderr().contains("redirect rules removed"), "{}", host.logs(3000));
+    assert!(
+        host.stderr().contains("redirect rules removed"),
+        "{}",
+        host.logs(3000)
+    );
 }
 
 #[test]

@@ -257,6 +257,9 @@ fn bind_one(addr: SocketAddr) -> io::Result<TcpListener> {
     TcpListener::from_std(std::net::TcpListener::from(sock))
 }
 
+/// Connection ids for the per-flow tracing span.
+static NEXT_FLOW_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
 /// Decrements the active-flow count however the flow task ends.
 struct ActiveGuard(Arc<Shared>);
 
@@ -289,7 +292,10 @@ pub async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
                 tokio::spawn(async move {
                     let _guard = guard;
                     let _ = stream.set_nodelay(true);
-                    flow::handle(s, stream, peer, local).await;
+                    let id = NEXT_FLOW_ID.fetch_add(1, Ordering::Relaxed);
+                    let span = tracing::debug_span!("flow", id, client = %peer, listener = %local);
+                    tracing::Instrument::instrument(flow::handle(s, stream, peer, local), span)
+                        .await;
                 });
             }
             Err(e) => {
