@@ -375,7 +375,10 @@ mod tests {
         for i in 0..10_000 {
             log.log(&record(i));
         }
-        assert!(!log.flush(Duration::from_millis(50)), "nothing can be written yet");
+        assert!(
+            !log.flush(Duration::from_millis(50)),
+            "nothing can be written yet"
+        );
         let d = dropped.get();
         // at most one batch taken by the thread plus the queue got in
         assert!(d >= 10_000 - 16 - 1000, "dropped {d}");
@@ -383,9 +386,16 @@ mod tests {
         gate.1.notify_all();
         assert!(log.flush(Duration::from_secs(10)));
         let written = got.lock().unwrap().iter().filter(|&&b| b == b'\n').count() as u64;
-        assert_eq!(written + dropped.get(), 10_000, "every line written or counted");
+        assert_eq!(
+            written + dropped.get(),
+            10_000,
+            "every line written or counted"
+        );
         // every written line is one JSON object
-        for l in String::from_utf8(got.lock().unwrap().clone()).unwrap().lines() {
+        for l in String::from_utf8(got.lock().unwrap().clone())
+            .unwrap()
+            .lines()
+        {
             let v: serde_json::Value = serde_json::from_str(l).unwrap();
             assert_eq!(v["entry"], "api");
         }
@@ -444,5 +454,30 @@ mod tests {
         .expect("error");
         assert!(e.to_string().contains("access_log"), "{e}");
     }
-}
 
+    #[test]
+    fn sighup_reopens_a_file_moved_away_by_logrotate() {
+        let dir = std::env::temp_dir().join(format!("portcullis-rot-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("access.log");
+        let log = AccessLogger::new(&AccessLog::File(path.clone()), Counter::default()).unwrap();
+        log.log(&record(1));
+        assert!(log.flush(Duration::from_secs(10)));
+        std::fs::rename(&path, dir.join("access.log.1")).unwrap();
+        log.reopen();
+        log.log(&record(2));
+        assert!(log.flush(Duration::from_secs(10)));
+        let old = std::fs::read_to_string(dir.join("access.log.1")).unwrap();
+        let new = std::fs::read_to_string(&path).unwrap();
+        assert!(
+            old.contains("\"bytes_up\":1") && !old.contains("\"bytes_up\":2"),
+            "{old}"
+        );
+        assert!(
+            new.contains("\"bytes_up\":2") && !new.contains("\"bytes_up\":1"),
+            "{new}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

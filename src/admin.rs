@@ -246,7 +246,11 @@ pub fn denied_toml(records: &[DeniedRecord], cfg: &Config) -> String {
         let cidr = crate::net::Cidr::host(ip);
         let _ = writeln!(out, "\n[[service_entry]]");
         for (port, (count, why)) in &ports {
-            let _ = writeln!(out, "# seen: {port} without a name x{count} ({})", reasons(why));
+            let _ = writeln!(
+                out,
+                "# seen: {port} without a name x{count} ({})",
+                reasons(why)
+            );
         }
         let _ = writeln!(out, "name = \"{}\"", unique(format!("tcp-{ip}")));
         let _ = writeln!(out, "addresses = [\"{cidr}\"]");
@@ -283,9 +287,14 @@ async fn metrics(State(s): State<Arc<Shared>>) -> Response {
 async fn config(State(s): State<Arc<Shared>>) -> Response {
     let gen = s.generation();
     let status = s.reload_status();
+    // The config in force (restart-required keys at their running values),
+    // and what the last reload said: "restart required" keys, "re-run init".
     let body = serde_json::json!({
         "config": gen.config(),
         "reload": status,
+        "restart_required": status.restart_required,
+        "rerun_init": status.rerun_init,
+        "draining": s.draining.load(std::sync::atomic::Ordering::Acquire),
     });
     (
         [(header::CONTENT_TYPE, "application/json")],
@@ -341,4 +350,108 @@ pub async fn spawn(shared: Arc<Shared>, cfg: &Config) -> std::io::Result<()> {
         tokio::spawn(async move { axum::serve(l, app).await });
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn rec(name: Option<&str>, ip: &str, port: u16, protocol: &'static str) -> FlowRecord {
+        FlowRecord {
+            ts: String::new(),
+            client: "192.0.2.2:40000".parse().unwrap(),
+            dst: Some(std::net::SocketAddr::new(ip.parse().unwrap(), port)),
+            upstream: None,
+            protocol,
+            name: name.map(str::to_string),
+            decision: "audit",
+            entry: None,
+            reason: Some("not_in_registry"),
+            ech: false,
+            bytes_up: 0,
+            bytes_down: 0,
+            duration_ms: 0,
+            error: None,
+        }
+    }
+
+    const BASE: &str = "[redirect]\nproxy_uid = 1337\n\n[[service_entry]]\nname = \"www.example.org\"\nhosts = [\"*.files.example.com\"]\nports = [{ number = 443, protocol = \"TLS\" }]\n";
+
+    #[test]
+    fn denied_toml_round_trips_into_a_valid_config() {
+        let cfg = Config::parse(Path::new("t.toml"), BASE).unwrap();
+        let d = Denied::default();
+        for r in [
+            rec(Some("www.example.org"), "203.0.113.5", 443, "tls"),
+            rec(Some("www.example.org"), "203.0.113.5", 80, "http"),
+            rec(Some("www.example.org"), "203.0.113.5", 8443, "tls"),
+            rec(Some("www.example.org"), "203.0.113.5", 443, "tls"),
+            rec(Some("a.files.example.com"), "192.0.2.11", 443, "tls"),
+            rec(Some("a.files.example.com"), "192.0.2.11", 80, "http"),
+            rec(None, "192.0.2.10", 7000, "tcp"),
+            rec(None, "192.0.2.10", 443, "tls"),
+            rec(None, "2001:db8::10", 7000, "tcp"),
+        ] {
+            d.record(&r);
+        }
+        let mut loop_rec = rec(None, "192.0.2.99", 1, "tcp");
+        loop_rec.decision = "deny";
+        loop_rec.reason = Some("loop");
+        d.record(&loop_rec);
+        let toml = denied_toml(&d.snapshot(), &cfg);
+        assert!(toml.contains("review every entry"), "{toml}");
+        // one block per name, all its ports; the registry's name is taken
+        assert_eq!(
+            toml.matches("hosts = [\"www.example.org\"]").count(),
+            1,
+            "{toml}"
+        );
+        assert!(toml.contains("name = \"www.example.org-2\""), "{toml}");
+        assert!(toml.contains("ports = [{ number = 80, protocol = \"HTTP\" }, { number = 443, protocol = \"TLS\" }, { number = 8443, protocol = \"TLS\" }]"), "{toml}");
+        assert!(
+            toml.contains("# seen: 443/TLS x2 (not_in_registry)"),
+            "{toml}"
+        );
+        // covered by the wildcard on 443, not on 80
+        assert!(
+            toml.contains(
+                "hosts = [\"a.files.example.com\"]\nports = [{ number = 80, protocol = \"HTTP\" }]"
+            ),
+            "{toml}"
+        );
+        // nameless: by address, all ports of one IP in one block
+        assert!(toml.contains("addresses = [\"192.0.2.10/32\"]\nports = [{ number = 443, protocol = \"TCP\" }, { number = 7000, protocol = \"TCP\" }]"), "{toml}");
+        assert!(
+            toml.contains("addresses = [\"2001:db8::10/128\"]"),
+            "{toml}"
+        );
+        assert!(
+            !toml.contains("192.0.2.99"),
+            "loops are not the registry's business: {toml}"
+        );
+
+        let pasted = Config::parse(Path::new("t.toml"), &format!("{BASE}\n{toml}"))
+            .unwrap_or_else(|e| panic!("{e}\n{BASE}\n{toml}"));
+        assert_eq!(pasted.entries.len(), 1 + 4, "{toml}");
+        // pasted again: everything is covered now, nothing new to suggest
+        let again = denied_toml(&d.snapshot(), &pasted);
+        assert!(!again.contains("[[service_entry]]"), "{again}");
+    }
+
+    #[test]
+    fn denied_is_bounded() {
+        let d = Denied::default();
+        for i in 0..(DENIED_MAX as u32 + 50) {
+            let name = format!("n{i}.example.com");
+            d.record(&rec(Some(&name), "192.0.2.10", 443, "tls"));
+        }
+        let snap = d.snapshot();
+        assert_eq!(snap.len(), DENIED_MAX);
+        // the oldest went first
+        assert!(!snap
+            .iter()
+            .any(|r| r.name.as_deref() == Some("n0.example.com")));
+        assert_eq!(snap[0].name.as_deref(), Some("n1049.example.com"));
+    }
 }

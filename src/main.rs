@@ -89,6 +89,8 @@ fn init_tracing() {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // colours only for a terminal, never into log files and collectors
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
         .init();
 }
@@ -117,8 +119,14 @@ fn run_proxy(config: &std::path::Path) -> ExitCode {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Run { config, redirect: false } => run_proxy(&config),
-        Command::Run { config, redirect: true } => match portcullis::host_mode::run(&config) {
+        Command::Run {
+            config,
+            redirect: false,
+        } => run_proxy(&config),
+        Command::Run {
+            config,
+            redirect: true,
+        } => match portcullis::host_mode::run(&config) {
             Ok(code) => ExitCode::from(code),
             Err(e) => {
                 eprintln!("{e}");

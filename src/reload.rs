@@ -239,9 +239,7 @@ pub fn reload(shared: &Arc<Shared>, path: &Path, why: &str) {
     let mut deadlines: HashMap<String, Instant> = prev
         .deadlines
         .iter()
-        .filter(|(name, when)| {
-            !kept.contains(*name) && when.elapsed() < Duration::from_secs(60)
-        })
+        .filter(|(name, when)| !kept.contains(*name) && when.elapsed() < Duration::from_secs(60))
         .map(|(n, w)| (n.clone(), *w))
         .collect();
     if revoke && !removed.is_empty() {
@@ -386,7 +384,9 @@ mod tests {
     fn rerun_init_follows_the_non_tcp_filter() {
         let strict = cfg(&format!("{BASE}{API}"));
         let audit = cfg(&format!("audit = true\n{BASE}{API}"));
-        let any = cfg(&format!("outbound_traffic_policy = \"ALLOW_ANY\"\n{BASE}{API}"));
+        let any = cfg(&format!(
+            "outbound_traffic_policy = \"ALLOW_ANY\"\n{BASE}{API}"
+        ));
         let any_audit = cfg(&format!(
             "outbound_traffic_policy = \"ALLOW_ANY\"\naudit = true\n{BASE}{API}"
         ));
@@ -416,7 +416,10 @@ mod tests {
         std::os::unix::fs::symlink("..2026_02", dir.join("..data_tmp")).unwrap();
         std::fs::rename(dir.join("..data_tmp"), dir.join("..data")).unwrap();
         let after = fingerprint(&path).unwrap();
-        assert_ne!(before, after, "same size, maybe same mtime: the inode differs");
+        assert_ne!(
+            before, after,
+            "same size, maybe same mtime: the inode differs"
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

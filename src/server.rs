@@ -6,9 +6,9 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::signal::unix::{signal, SignalKind};
 use tokio::time::Instant;
 
-use tokio::signal::unix::{signal, SignalKind};
 use crate::config::Config;
 use crate::proxy::{accept_loop, bind_listeners, spawn_tcp_resolution, Shared};
 

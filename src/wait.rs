@@ -1,5 +1,6 @@
 //! `portcullis wait`: polls the health endpoint until it answers 200, for
-//! start-up ordering where native sidecars are not available.
+//! start-up ordering where native sidecars are not available (run it first
+//! in the application container: `portcullis wait && exec app`).
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
@@ -20,31 +21,50 @@ fn parse_url(url: &str) -> Result<(String, String), String> {
     Ok((authority.to_string(), path.to_string()))
 }
 
-fn probe(addr: SocketAddr, authority: &str, path: &str) -> std::io::Result<u16> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(1))?;
-    s.set_read_timeout(Some(Duration::from_secs(2)))?;
+fn probe(addr: SocketAddr, authority: &str, path: &str, budget: Duration) -> std::io::Result<u16> {
+    // Never past the caller's deadline, and never longer than a probe needs.
+    let t = budget.clamp(Duration::from_millis(10), Duration::from_secs(2));
+    let mut s = TcpStream::connect_timeout(&addr, t)?;
+    s.set_read_timeout(Some(t))?;
+    s.set_write_timeout(Some(t))?;
     write!(
         s,
-        "GET {path} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: {authority}\r\nUser-Agent: portcullis-wait\r\nConnection: close\r\n\r\n"
     )?;
-    let mut head = [0u8; 64];
-    let n = s.read(&mut head)?;
-    let line = String::from_utf8_lossy(&head[..n]);
-    line.split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| std::io::Error::other("not an HTTP response"))
+    let mut head = Vec::with_capacity(64);
+    let mut buf = [0u8; 64];
+    // The status line may arrive in pieces.
+    while !head.contains(&b'\n') && head.len() < 256 {
+        let n = s.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        head.extend_from_slice(&buf[..n]);
+    }
+    status_code(&head).ok_or_else(|| std::io::Error::other("not an HTTP response"))
 }
 
+fn status_code(head: &[u8]) -> Option<u16> {
+    let line = String::from_utf8_lossy(head);
+    let mut it = line.split_whitespace();
+    if !it.next()?.starts_with("HTTP/") {
+        return None;
+    }
+    it.next()?.parse().ok()
+}
+
+/// Polls `url` until it answers 200 (then Ok) or `timeout` passes (then the
+/// last thing that went wrong).
 pub fn wait(url: &str, timeout: Duration) -> Result<(), String> {
     let (authority, path) = parse_url(url)?;
     let deadline = Instant::now() + timeout;
     let mut last = String::from("no attempt");
-    while Instant::now() < deadline {
+    loop {
         match authority.to_socket_addrs() {
             Ok(addrs) => {
                 for a in addrs {
-                    match probe(a, &authority, &path) {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    match probe(a, &authority, &path, left) {
                         Ok(200) => return Ok(()),
                         Ok(code) => last = format!("{url} answered {code}"),
                         Err(e) => last = format!("{url}: {e}"),
@@ -53,21 +73,56 @@ pub fn wait(url: &str, timeout: Duration) -> Result<(), String> {
             }
             Err(e) => last = format!("{url}: {e}"),
         }
-        std::thread::sleep(Duration::from_millis(200));
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        std::thread::sleep(left.min(Duration::from_millis(200)));
     }
     Err(format!(
-        "portcullis wait: not ready after {timeout:?} ({last})"
+        "portcullis wait: not ready after {} ({last})",
+        crate::config::format_duration(timeout)
     ))
 }
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
     fn urls() {
         assert_eq!(
-            super::parse_url("http://127.0.0.1:15021/ready").unwrap(),
+            parse_url("http://127.0.0.1:15021/ready").unwrap(),
             ("127.0.0.1:15021".into(), "/ready".into())
         );
-        assert!(super::parse_url("https://x/").is_err());
+        assert!(parse_url("https://x/").is_err());
+        assert_eq!(
+            parse_url("http://[::1]:15021").unwrap(),
+            ("[::1]:15021".into(), "/".into())
+        );
+    }
+
+    #[test]
+    fn status_lines() {
+        assert_eq!(status_code(b"HTTP/1.1 200 OK\r\n"), Some(200));
+        assert_eq!(
+            status_code(b"HTTP/1.1 503 Service Unavailable\r\n"),
+            Some(503)
+        );
+        assert_eq!(status_code(b"SSH-2.0-OpenSSH\r\n"), None);
+        assert_eq!(status_code(b""), None);
+    }
+
+    #[test]
+    fn times_out_naming_the_last_failure() {
+        // a port nothing listens on: refused at once, retried until the deadline
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        drop(l);
+        let t = Instant::now();
+        let e = wait(&format!("http://{addr}/ready"), Duration::from_millis(500)).unwrap_err();
+        assert!(t.elapsed() >= Duration::from_millis(500));
+        assert!(e.contains("not ready after 500ms"), "{e}");
+        assert!(e.contains("refused"), "{e}");
     }
 }
