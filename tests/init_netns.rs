@@ -114,7 +114,7 @@ impl Ns {
     /// `iptables -C` / `ip6tables -C`: whether the rule exists, by meaning.
     fn has_rule(&self, v6: bool, table: &str, chain: &str, spec: &str) -> bool {
         let tool = if v6 { "ip6tables-nft" } else { "iptables-nft" };
-        let words = split_spec(spec);
+        let words = portcullis::init::apply::split_words(spec);
         let mut args = vec![tool, "-w", "-t", table, "-C", chain];
         args.extend(words.iter().map(String::as_str));
         self.run(&args).status.success()
@@ -216,36 +216,6 @@ fn link(a: &Ns, a_if: &str, a_addrs: &[&str], b: &Ns, b_if: &str, b_addrs: &[&st
         }
         ns.ip(&["link", "set", ifname, "up"]);
     }
-}
-
-/// Splits a rule spec on blanks, double quotes grouping (as iptables does).
-fn split_spec(s: &str) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut cur = String::new();
-    let mut quoted = false;
-    let mut in_word = false;
-    for c in s.chars() {
-        match c {
-            '"' => {
-                quoted = !quoted;
-                in_word = true;
-            }
-            c if c.is_whitespace() && !quoted => {
-                if in_word {
-                    out.push(std::mem::take(&mut cur));
-                    in_word = false;
-                }
-            }
-            c => {
-                cur.push(c);
-                in_word = true;
-            }
-        }
-    }
-    if in_word {
-        out.push(cur);
-    }
-    out
 }
 
 /// iptables-save output by meaning: no comments lines, no counters, and no

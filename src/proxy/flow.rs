@@ -32,6 +32,17 @@ struct Detection {
     client_error: Option<String>,
 }
 
+impl Detection {
+    fn facts(&self, dst: OrigDst) -> FlowFacts<'_> {
+        FlowFacts {
+            dst,
+            protocol: self.protocol,
+            name: self.name.as_deref(),
+            detect_failure: self.failure,
+        }
+    }
+}
+
 /// Per-flow accounting, turned into the access-log line and metrics.
 struct Flow {
     started: Instant,
@@ -61,6 +72,12 @@ impl Flow {
             },
             counted: false,
         }
+    }
+
+    fn detected(&mut self, det: &Detection) {
+        self.rec.protocol = det.protocol.as_str();
+        self.rec.name = det.name.clone();
+        self.rec.ech = det.ech;
     }
 
     /// Records the verdict and counts the flow in `portcullis_connections_total`.
@@ -194,18 +211,8 @@ pub async fn handle(shared: Arc<Shared>, client: TcpStream, peer: SocketAddr, lo
             Some((&mut up_stream, &counters)),
         )
         .await;
-        flow.rec.protocol = det.protocol.as_str();
-        flow.rec.name = det.name.clone();
-        flow.rec.ech = det.ech;
-        let v = reg.decide(
-            &FlowFacts {
-                dst,
-                protocol: det.protocol,
-                name: det.name.as_deref(),
-                detect_failure: det.failure,
-            },
-            &*gen.resolved,
-        );
+        flow.detected(&det);
+        let v = reg.decide(&det.facts(dst), &*gen.resolved);
         flow.decided(&shared, reg, &v);
         if let Some(e) = det.client_error {
             flow.rec.error = Some(e);
@@ -224,9 +231,7 @@ pub async fn handle(shared: Arc<Shared>, client: TcpStream, peer: SocketAddr, lo
         detect(&shared, &gen, &mut client, plan, None).await
     };
 
-    flow.rec.protocol = det.protocol.as_str();
-    flow.rec.name = det.name.clone();
-    flow.rec.ech = det.ech;
+    flow.detected(&det);
     if let Some(e) = det.client_error {
         // The client left before we could decide; nothing to answer.
         let v = reg.refuse(det.failure.unwrap_or(Reason::Malformed), dst);
@@ -235,15 +240,7 @@ pub async fn handle(shared: Arc<Shared>, client: TcpStream, peer: SocketAddr, lo
         flow.finish(&shared, &counters);
         return;
     }
-    let v = reg.decide(
-        &FlowFacts {
-            dst,
-            protocol: det.protocol,
-            name: det.name.as_deref(),
-            detect_failure: det.failure,
-        },
-        &*gen.resolved,
-    );
+    let v = reg.decide(&det.facts(dst), &*gen.resolved);
     if v.decision == Decision::Deny {
         flow.decided(&shared, reg, &v);
         deny::deny(
