@@ -552,3 +552,117 @@ resolution = "NONE"
     let l = px.last_log(2);
     assert_eq!(l["error"], "connect_refused", "{l}");
 }
+
+#[test]
+fn static_endpoints_whatever_the_client_dialled() {
+    let mut px = Px::start(
+        "",
+        r#"
+[[service_entry]]
+name = "legacy"
+hosts = ["legacy.example.org"]
+ports = [{ number = 443, protocol = "TLS" }]
+resolution = "STATIC"
+endpoints = [{ address = "203.0.113.5", port = 8443 }]
+"#,
+    );
+    let out = px.world.curl(&[
+        "-k",
+        "--connect-to",
+        "legacy.example.org:443:192.0.2.10:443",
+        "https://legacy.example.org/",
+    ]);
+    assert!(
+        out.ok()
+            .contains("sni=legacy.example.org local=203.0.113.5:8443"),
+        "{out:?}"
+    );
+    let l = px.last_log(1);
+    assert_eq!(
+        (l["dst"].as_str(), l["upstream"].as_str()),
+        (Some("192.0.2.10:443"), Some("203.0.113.5:8443")),
+        "{l}"
+    );
+}
+
+#[test]
+fn stale_dns_answers_are_served_when_the_resolver_fails() {
+    let world = World::builder().dns_ttl(1).start();
+    let mut px = Px::start_in(world, "", API);
+    let out = px.world.curl(&[
+        "-4",
+        "--resolve",
+        "api.example.com:443:192.0.2.10",
+        "https://api.example.com/",
+    ]);
+    assert!(out.ok().contains("tls ok"), "{out:?}");
+    px.world.stop_dns();
+    std::thread::sleep(Duration::from_millis(1500)); // past the TTL
+    let out = px.world.curl(&[
+        "-4",
+        "--resolve",
+        "api.example.com:443:192.0.2.10",
+        "https://api.example.com/",
+    ]);
+    assert!(
+        out.ok()
+            .contains("tls ok sni=api.example.com local=192.0.2.10:443"),
+        "{out:?}"
+    );
+    let l = px.last_log(2);
+    assert_eq!(l["decision"], "allow", "{l}");
+    assert!(
+        px.proxy.stderr().contains("serving the last good answer"),
+        "{}",
+        px.proxy.logs(3000)
+    );
+}
+
+#[test]
+fn mark_exclusion_lets_a_root_proxy_out() {
+    // The proxy runs as root (not proxy_uid): only the mark keeps its own
+    // upstream connections out of the redirect. Without it they would loop.
+    let world = World::start();
+    let cfg = world.write_file("config.toml", &format!("{PROXY_BASE}\nmark = 0x539\n{API}"));
+    world
+        .portcullis(&["init", "-c", cfg.to_str().unwrap()])
+        .ok();
+    let proxy = world.spawn_pod(Cmd::new(portcullis_bin()).label("portcullis").args([
+        "run",
+        "-c",
+        cfg.to_str().unwrap(),
+    ]));
+    world.wait_tcp(&world.pod, "127.0.0.1:15001".parse().unwrap());
+    let mut px = Px { world, proxy };
+    let out = px
+        .world
+        .curl_as(APP_UID, APP_UID, &["-4", "https://api.example.com/"]);
+    assert!(out.ok().contains("tls ok sni=api.example.com"), "{out:?}");
+    let l = px.last_log(1);
+    assert_eq!(
+        (l["decision"].as_str(), l["upstream"].as_str()),
+        (Some("allow"), Some("192.0.2.10:443")),
+        "{l}"
+    );
+}
+
+#[test]
+fn ipv6_listener_that_cannot_bind_is_a_warning() {
+    let world = World::start();
+    world
+        .run_pod(Cmd::new("sysctl").args([
+            "-w",
+            "net.ipv6.conf.all.disable_ipv6=1",
+            "net.ipv6.conf.lo.disable_ipv6=1",
+        ]))
+        .ok();
+    let mut px = Px::start_in(world, "", API);
+    let out = px.world.curl(&["-4", "https://api.example.com/"]);
+    assert!(out.ok().contains("tls ok"), "{out:?}");
+    assert!(
+        px.proxy.stderr().contains("IPv6 listener not bound"),
+        "{}",
+        px.proxy.logs(3000)
+    );
+    assert_eq!(px.last_log(1)["decision"], "allow");
+}

@@ -192,7 +192,7 @@ impl Shared {
             dialer: Dialer {
                 resolver: Resolver::new(),
                 own: Default::default(),
-                mark: config.redirect.mark,
+                mark: usable_mark(config.redirect.mark),
             },
             pipes: PipePool::new(MAX_PIPES, PIPE_SIZE),
             relay_mode,
@@ -208,6 +208,22 @@ impl Shared {
         });
         tracing::info!(max_connections, nofile, "limits");
         Ok(shared)
+    }
+}
+
+/// The mark to put on upstream sockets: `mark` when this process may set it
+/// (CAP_NET_ADMIN or CAP_NET_RAW). Running as `proxy_uid` without those
+/// capabilities, the uid exclusion does the work and marking is skipped.
+fn usable_mark(mark: Option<u32>) -> Option<u32> {
+    let m = mark?;
+    if upstream::mark_works(m) {
+        Some(m)
+    } else {
+        tracing::info!(
+            mark = m,
+            "cannot set SO_MARK (no CAP_NET_ADMIN/CAP_NET_RAW): relying on the proxy_uid exclusion"
+        );
+        None
     }
 }
 
