@@ -80,7 +80,7 @@ impl Ops {
 
     /// Starts the proxy on `cfg`, the command prefixed by `wrap` (e.g. prlimit).
     fn start_with(world: World, cfg: PathBuf, wrap: &[&str]) -> Ops {
-        world.redirect(15001, Some(PROXY_UID));
+        world.init(&cfg);
         let proxy = spawn_proxy_wrapped(&world, &cfg, wrap);
         world.wait_tcp(&world.pod, LISTEN.parse().unwrap());
         world.wait_tcp(&world.pod, ADMIN.parse().unwrap());

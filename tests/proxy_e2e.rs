@@ -41,8 +41,8 @@ impl Px {
     }
 
     fn start_in(world: World, policy: &str, entries: &str) -> Px {
-        world.redirect(15001, Some(PROXY_UID));
         let cfg = world.write_file("config.toml", &format!("{policy}\n{PROXY_BASE}\n{entries}"));
+        world.init(&cfg);
         let proxy = world.spawn_proxy(&["run", "-c", cfg.to_str().unwrap()]);
         world.wait_tcp(&world.pod, "127.0.0.1:15001".parse().unwrap());
         Px { world, proxy }

@@ -744,6 +744,14 @@ impl World {
         must(Cmd::new("ip").args(args));
     }
 
+    /// `portcullis init -c CFG` in the pod (root): the real redirect and
+    /// egress rules of the config's `[redirect]` and policy.
+    #[track_caller]
+    pub fn init(&self, cfg: &std::path::Path) {
+        let out = self.portcullis(&["init", "-c", &cfg.to_string_lossy()]);
+        assert!(out.success(), "portcullis init failed: {out:?}");
+    }
+
     /// A stand-in for `portcullis init` until it exists: in the pod's nat OUTPUT,
     /// TCP to the documentation ranges (192.0.2.0/24, 198.51.100.0/24,
     /// 203.0.113.0/24, 2001:db8::/32) is REDIRECTed to `port`, except TCP to the
