@@ -178,58 +178,13 @@ pub async fn handle(shared: Arc<Shared>, client: TcpStream, peer: SocketAddr, lo
     }
 
     let plan = reg.detect_plan(dst);
-    let mut client = client;
-    let det = if plan == DetectPlan::ConnectFirst {
-        // ALLOW_ANY on a port without TLS/HTTP entries: the server may
-        // speak first, so connect now and relay its bytes at once.
-        let v = reg.refuse(Reason::NotInRegistry, dst);
-        let addrs = vec![dst.0];
-        let up = match shared
-            .dialer
-            .connect(&addrs, gen.config().proxy.connect_timeout)
-            .await
-        {
-            Ok(c) => c,
-            Err(e) => {
-                flow.decided(&shared, reg, &v);
-                upstream_failed(&shared, reg, &v, client, FlowProtocol::Tcp, e, &mut flow).await;
-                flow.finish(&shared, &counters);
-                return;
-            }
-        };
-        flow.rec.upstream = Some(up.addr);
-        let crate::proxy::upstream::Connected {
-            stream: mut up_stream,
-            addr: _,
-            guard: _guard,
-        } = up;
-        let det = detect(
-            &shared,
-            &gen,
-            &mut client,
-            plan,
-            Some((&mut up_stream, &counters)),
-        )
-        .await;
-        flow.detected(&det);
-        let v = reg.decide(&det.facts(dst), &*gen.resolved);
-        flow.decided(&shared, reg, &v);
-        if let Some(e) = det.client_error {
-            flow.rec.error = Some(e);
-            deny::reset(client);
-            flow.finish(&shared, &counters);
-            return;
-        }
-        let entry = reg.entry_label(&v).to_string();
-        write_and_relay(
-            &shared, &gen, client, up_stream, &det.buf, &entry, &mut flow, &counters,
-        )
-        .await;
+    if plan == DetectPlan::ConnectFirst {
+        connect_first(&shared, &gen, client, dst, &mut flow, &counters).await;
         flow.finish(&shared, &counters);
         return;
-    } else {
-        detect(&shared, &gen, &mut client, plan, None).await
-    };
+    }
+    let mut client = client;
+    let det = detect(&shared, &gen, &mut client, plan, None).await;
 
     flow.detected(&det);
     if let Some(e) = det.client_error {
@@ -270,6 +225,61 @@ pub async fn handle(shared: Arc<Shared>, client: TcpStream, peer: SocketAddr, lo
     )
     .await;
     flow.finish(&shared, &counters);
+}
+
+/// ALLOW_ANY on a port without TLS/HTTP entries: the server may speak
+/// first, so connect to D now, relay its bytes at once, and classify the
+/// client's first bytes (for the log) as they come.
+async fn connect_first(
+    shared: &Shared,
+    gen: &Generation,
+    mut client: TcpStream,
+    dst: OrigDst,
+    flow: &mut Flow,
+    counters: &Counters,
+) {
+    let reg = &gen.registry;
+    let v = reg.refuse(Reason::NotInRegistry, dst);
+    let addrs = vec![dst.0];
+    let up = match shared
+        .dialer
+        .connect(&addrs, gen.config().proxy.connect_timeout)
+        .await
+    {
+        Ok(c) => c,
+        Err(e) => {
+            flow.decided(shared, reg, &v);
+            upstream_failed(shared, reg, &v, client, FlowProtocol::Tcp, e, flow).await;
+            return;
+        }
+    };
+    flow.rec.upstream = Some(up.addr);
+    let crate::proxy::upstream::Connected {
+        stream: mut up_stream,
+        addr: _,
+        guard: _guard,
+    } = up;
+    let det = detect(
+        shared,
+        gen,
+        &mut client,
+        DetectPlan::ConnectFirst,
+        Some((&mut up_stream, counters)),
+    )
+    .await;
+    flow.detected(&det);
+    let v = reg.decide(&det.facts(dst), &*gen.resolved);
+    flow.decided(shared, reg, &v);
+    if let Some(e) = det.client_error {
+        flow.rec.error = Some(e);
+        deny::reset(client);
+        return;
+    }
+    let entry = reg.entry_label(&v).to_string();
+    write_and_relay(
+        shared, gen, client, up_stream, &det.buf, &entry, flow, counters,
+    )
+    .await;
 }
 
 /// Reads the client's first bytes until the detector decides, the deadline
@@ -512,6 +522,8 @@ async fn write_and_relay(
     counters: &Counters,
 ) {
     let (up_counter, down_counter) = shared.metrics.byte_counters(entry);
+    // Server bytes relayed while the client's were being classified.
+    down_counter.inc_by(counters.down());
     if !first.is_empty() {
         if let Err(e) = upstream.write_all(first).await {
             flow.rec.error = Some(format!("upstream: {e}"));
