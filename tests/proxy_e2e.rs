@@ -624,8 +624,12 @@ fn mark_exclusion_lets_a_root_proxy_out() {
     // upstream connections out of the redirect. Without it they would loop.
     let world = World::start();
     let cfg = world.write_file("config.toml", &format!("{PROXY_BASE}\nmark = 0x539\n{API}"));
+    world.init(&cfg);
+    // Count marked DNS queries: the resolver's sockets carry the mark too.
     world
-        .portcullis(&["init", "-c", cfg.to_str().unwrap()])
+        .run_pod(Cmd::new("iptables").args([
+            "-I", "OUTPUT", "1", "-p", "udp", "--dport", "53", "-m", "mark", "--mark", "0x539",
+        ]))
         .ok();
     let proxy = world.spawn_pod(Cmd::new(portcullis_bin()).label("portcullis").args([
         "run",
@@ -644,6 +648,17 @@ fn mark_exclusion_lets_a_root_proxy_out() {
         (Some("allow"), Some("192.0.2.10:443")),
         "{l}"
     );
+    let counters = px
+        .world
+        .run_pod(Cmd::new("iptables").args(["-L", "OUTPUT", "1", "-v", "-x", "-n"]));
+    let packets: u64 = counters
+        .ok()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(packets > 0, "no marked DNS query: {counters:?}");
 }
 
 #[test]

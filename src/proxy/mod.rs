@@ -185,14 +185,15 @@ impl Shared {
             .ok()
             .and_then(|v| v.parse::<RelayMode>().ok())
             .unwrap_or_default();
+        let mark = usable_mark(config.redirect.mark);
         let shared = Arc::new(Shared {
             current: RwLock::new(Arc::new(Generation::new(config.clone()))),
             metrics,
             access_log,
             dialer: Dialer {
-                resolver: Resolver::new(),
+                resolver: Resolver::new(mark),
                 own: Default::default(),
-                mark: usable_mark(config.redirect.mark),
+                mark,
             },
             pipes: PipePool::new(MAX_PIPES, PIPE_SIZE),
             relay_mode,

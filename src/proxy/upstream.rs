@@ -9,8 +9,14 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use std::future::Future;
+use std::pin::Pin;
+
 use hickory_resolver::config::LookupIpStrategy;
-use hickory_resolver::TokioResolver;
+use hickory_resolver::net::runtime::iocompat::AsyncIoTokioAsStd;
+use hickory_resolver::net::runtime::{
+    RuntimeProvider, TokioHandle, TokioRuntimeProvider, TokioTime,
+};
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 use tokio::net::{TcpSocket, TcpStream};
 
@@ -26,15 +32,100 @@ pub enum Resolved {
     NoAnswer,
 }
 
+/// hickory's tokio runtime, except that every DNS socket carries `mark`
+/// (DESIGN §2: with mark-based exclusion, every socket of the proxy, the
+/// resolver's included, is marked).
+#[derive(Clone)]
+pub struct MarkedRuntime {
+    inner: TokioRuntimeProvider,
+    mark: Option<u32>,
+}
+
+fn marked_socket(
+    addr: SocketAddr,
+    ty: Type,
+    proto: Protocol,
+    mark: Option<u32>,
+) -> io::Result<Socket> {
+    let sock = Socket::new(
+        Domain::for_address(addr),
+        ty.nonblocking().cloexec(),
+        Some(proto),
+    )?;
+    if let Some(m) = mark {
+        sock.set_mark(m)?;
+    }
+    Ok(sock)
+}
+
+impl RuntimeProvider for MarkedRuntime {
+    type Handle = TokioHandle;
+    type Timer = TokioTime;
+    type Udp = tokio::net::UdpSocket;
+    type Tcp = AsyncIoTokioAsStd<TcpStream>;
+
+    fn create_handle(&self) -> Self::Handle {
+        self.inner.create_handle()
+    }
+
+    fn connect_tcp(
+        &self,
+        server: SocketAddr,
+        bind: Option<SocketAddr>,
+        wait_for: Option<Duration>,
+    ) -> Pin<Box<dyn Send + Future<Output = io::Result<Self::Tcp>>>> {
+        let mark = self.mark;
+        Box::pin(async move {
+            let sock = marked_socket(server, Type::STREAM, Protocol::TCP, mark)?;
+            if let Some(b) = bind {
+                sock.bind(&b.into())?;
+            }
+            sock.set_tcp_nodelay(true)?;
+            let tsock = TcpSocket::from_std_stream(std::net::TcpStream::from(sock));
+            match tokio::time::timeout(
+                wait_for.unwrap_or(Duration::from_secs(5)),
+                tsock.connect(server),
+            )
+            .await
+            {
+                Ok(r) => r.map(AsyncIoTokioAsStd),
+                Err(_) => Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "DNS TCP connect timed out",
+                )),
+            }
+        })
+    }
+
+    fn bind_udp(
+        &self,
+        local: SocketAddr,
+        _server: SocketAddr,
+    ) -> Pin<Box<dyn Send + Future<Output = io::Result<Self::Udp>>>> {
+        let mark = self.mark;
+        Box::pin(async move {
+            let sock = marked_socket(local, Type::DGRAM, Protocol::UDP, mark)?;
+            sock.bind(&local.into())?;
+            tokio::net::UdpSocket::from_std(std::net::UdpSocket::from(sock))
+        })
+    }
+}
+
 /// A resolver whose last good answer per name survives resolver outages.
 pub struct Resolver {
-    inner: Option<TokioResolver>,
+    inner: Option<hickory_resolver::Resolver<MarkedRuntime>>,
     stale: Mutex<HashMap<String, (Vec<IpAddr>, Instant)>>,
 }
 
 impl Resolver {
-    pub fn new() -> Resolver {
-        let inner = TokioResolver::builder_tokio().and_then(|mut b| {
+    /// Reads /etc/resolv.conf and the hosts file; `mark` goes on every
+    /// DNS socket.
+    pub fn new(mark: Option<u32>) -> Resolver {
+        let runtime = MarkedRuntime {
+            inner: TokioRuntimeProvider::default(),
+            mark,
+        };
+        let inner = hickory_resolver::Resolver::builder(runtime).and_then(|mut b| {
             b.options_mut().ip_strategy = LookupIpStrategy::Ipv4AndIpv6;
             b.options_mut().timeout = Duration::from_secs(2);
             b.options_mut().attempts = 2;
@@ -92,12 +183,6 @@ impl Resolver {
                 Resolved::NoAnswer
             }
         }
-    }
-}
-
-impl Default for Resolver {
-    fn default() -> Self {
-        Self::new()
     }
 }
 
