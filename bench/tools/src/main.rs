@@ -16,6 +16,10 @@
 //! - `splice-relay --listen ADDR`: a transparent relay (SO_ORIGINAL_DST, no detection) built on
 //!   `tokio_splice::zero_copy_bidirectional`, to compare relays on the same flows.
 //!
+//! - `probe --target ADDR (--hello FILE | --http-host HOST)`: one flow; prints `upstream` when
+//!   the answer is the upstream's (the proxy let it through), else `denied` (an alert, a 403, a
+//!   reset, a close). The policy check of every target.
+//!
 //! Common: `--threads N` (tokio worker threads, default 2).
 
 use std::collections::HashMap;
@@ -112,6 +116,7 @@ fn main() {
         "churn" => rt.block_on(churn(opts)),
         "hold" => rt.block_on(hold(opts)),
         "splice-relay" => rt.block_on(splice_relay(opts)),
+        "probe" => rt.block_on(probe(opts)),
         other => die(&format!("unknown subcommand {other:?}")),
     }
 }
@@ -241,7 +246,13 @@ async fn handle(kind: Kind, mut s: TcpStream) -> io::Result<()> {
 // ---------------------------------------------------------------------------------------------
 // Churn client
 
-async fn one_flow(target: SocketAddr, payload: &[u8], buf: &mut [u8]) -> io::Result<Duration> {
+/// One flow; returns (time to first answer byte, time until the answer's EOF), both from the
+/// start of connect().
+async fn one_flow(
+    target: SocketAddr,
+    payload: &[u8],
+    buf: &mut [u8],
+) -> io::Result<(Duration, Duration)> {
     let t0 = Instant::now();
     let mut s = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(target))
         .await
@@ -259,7 +270,7 @@ async fn one_flow(target: SocketAddr, payload: &[u8], buf: &mut [u8]) -> io::Res
     }
     let ttfb = t0.elapsed();
     while s.read(buf).await? > 0 {}
-    Ok(ttfb)
+    Ok((ttfb, t0.elapsed()))
 }
 
 fn percentile(sorted: &[u32], q: f64) -> u32 {
@@ -275,17 +286,7 @@ async fn churn(opts: Opts) {
         .req("target")
         .parse()
         .unwrap_or_else(|_| die("--target: bad address"));
-    let payload: Vec<u8> = match (opts.get("hello"), opts.get("http-host")) {
-        (Some(f), None) => {
-            std::fs::read(f).unwrap_or_else(|e| die(&format!("--hello {f}: {e}")))
-        }
-        (None, Some(h)) => format!(
-            "GET / HTTP/1.1\r\nHost: {h}\r\nUser-Agent: pcbench\r\nAccept: */*\r\nConnection: close\r\n\r\n"
-        )
-        .into_bytes(),
-        _ => die("churn: give exactly one of --hello FILE and --http-host HOST"),
-    };
-    let payload: Arc<[u8]> = payload.into();
+    let payload: Arc<[u8]> = payload_of(&opts).into();
     let conc: usize = opts.num("concurrency", 1);
     let duration = Duration::from_secs_f64(opts.num("duration", 5.0));
     let warmup = Duration::from_secs_f64(opts.num("warmup", 1.0));
@@ -301,6 +302,7 @@ async fn churn(opts: Opts) {
         let first_error = first_error.clone();
         tasks.push(tokio::spawn(async move {
             let mut lat: Vec<u32> = Vec::with_capacity(1 << 16);
+            let mut total: Vec<u32> = Vec::with_capacity(1 << 16);
             let mut buf = vec![0u8; 4096];
             loop {
                 let t = Instant::now();
@@ -308,7 +310,10 @@ async fn churn(opts: Opts) {
                     break;
                 }
                 match one_flow(target, &payload, &mut buf).await {
-                    Ok(d) if t >= measure_from => lat.push(d.as_micros().min(u32::MAX as u128) as u32),
+                    Ok((d, all)) if t >= measure_from => {
+                        lat.push(d.as_micros().min(u32::MAX as u128) as u32);
+                        total.push(all.as_micros().min(u32::MAX as u128) as u32);
+                    }
                     Ok(_) => {}
                     Err(e) => {
                         if t >= measure_from {
@@ -325,19 +330,23 @@ async fn churn(opts: Opts) {
                     }
                 }
             }
-            lat
+            (lat, total)
         }));
     }
     let mut all: Vec<u32> = Vec::new();
+    let mut whole: Vec<u32> = Vec::new();
     for t in tasks {
-        all.extend(t.await.expect("worker"));
+        let (l, w) = t.await.expect("worker");
+        all.extend(l);
+        whole.extend(w);
     }
+    whole.sort_unstable();
     // Flows that started in the window; the last ones may end a little after `stop`.
     let secs = duration.as_secs_f64();
     all.sort_unstable();
     let fe = first_error.lock().unwrap().clone();
     println!(
-        "{{\"flows\":{},\"secs\":{:.3},\"rate\":{:.1},\"p50_us\":{},\"p99_us\":{},\"p999_us\":{},\"max_us\":{},\"errors\":{},\"first_error\":{}}}",
+        "{{\"flows\":{},\"secs\":{:.3},\"rate\":{:.1},\"p50_us\":{},\"p99_us\":{},\"p999_us\":{},\"max_us\":{},\"flow_p50_us\":{},\"flow_p99_us\":{},\"errors\":{},\"first_error\":{}}}",
         all.len(),
         secs,
         all.len() as f64 / secs,
@@ -345,12 +354,48 @@ async fn churn(opts: Opts) {
         percentile(&all, 0.99),
         percentile(&all, 0.999),
         all.last().copied().unwrap_or(0),
+        percentile(&whole, 0.50),
+        percentile(&whole, 0.99),
         errors.load(Ordering::Relaxed),
         match fe {
             Some(e) => format!("\"{}\"", e.replace('\\', "\\\\").replace('"', "'")),
             None => "null".into(),
         }
     );
+}
+
+fn payload_of(opts: &Opts) -> Vec<u8> {
+    match (opts.get("hello"), opts.get("http-host")) {
+        (Some(f), None) => std::fs::read(f).unwrap_or_else(|e| die(&format!("--hello {f}: {e}"))),
+        (None, Some(h)) => format!(
+            "GET / HTTP/1.1\r\nHost: {h}\r\nUser-Agent: pcbench\r\nAccept: */*\r\nConnection: close\r\n\r\n"
+        )
+        .into_bytes(),
+        _ => die("give exactly one of --hello FILE and --http-host HOST"),
+    }
+}
+
+async fn probe(opts: Opts) {
+    let target: SocketAddr = opts
+        .req("target")
+        .parse()
+        .unwrap_or_else(|_| die("--target: bad address"));
+    let payload = payload_of(&opts);
+    let r: io::Result<Vec<u8>> = async {
+        let mut s = TcpStream::connect(target).await?;
+        s.write_all(&payload).await?;
+        let mut got = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut got))
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no end in 10s"))??;
+        Ok(got)
+    }
+    .await;
+    let upstream = match &r {
+        Ok(got) => got.as_slice() == TLS_ANSWER || got.starts_with(b"HTTP/1.1 200 OK"),
+        Err(_) => false,
+    };
+    println!("{}", if upstream { "upstream" } else { "denied" });
 }
 
 // ---------------------------------------------------------------------------------------------
