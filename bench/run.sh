@@ -176,6 +176,12 @@ topology() {
     in_ns_sysctl "$ns" net.core.somaxconn=8192
     in_ns_sysctl "$ns" net.ipv4.tcp_max_syn_backlog=8192
   done
+  # No TIME_WAIT in the client namespace. Every redirected flow arrives at the same listener
+  # address (127.0.0.1:PORT), and the proxy closes its client side first, so that side of each
+  # closed flow would wait 60 s in TIME_WAIT; a later flow from the same source port to another
+  # destination (the next workload) hits it, gets a challenge ACK, and retries its SYN ~10 ms
+  # (sometimes 1 s) later: stalls that belong to the redirect, not to any proxy.
+  in_ns_sysctl "$NS_C" net.ipv4.tcp_max_tw_buckets=0
   # Churn makes ~10^5 flows; the conntrack table is shared with the machine, so flows that
   # ended leave it quickly (these timeouts are per namespace).
   in_c iptables -t nat -L -n >/dev/null  # loads conntrack in the client namespace
@@ -543,10 +549,11 @@ bulk() { # bulk TARGET NAME FLOWS -> JSON object
   local t=$1 name=$2 flows=$3 out p0 p1
   out=$RUN_DIR/$t-$name.iperf.json
   p0=$(tree_cpu "$PROXY_PID")
-  python3 "$BENCH/cpuacct.py" snap "$NS_C" "$NS_S" >"$RUN_DIR/cpu0.json"
-  in_c timeout 600 iperf3 -c "$UP_IP" -p 5201 -n "$BULK_BYTES" -P "$flows" -J >"$out" 2>&1 \
+  python3 "$BENCH/cpuacct.py" snap --self "$$" "$NS_C" "$NS_S" >"$RUN_DIR/cpu0.json"
+  in_c timeout 600 iperf3 -c "$UP_IP" -p 5201 -n "$BULK_BYTES" -P "$flows" -J \
+    >"$out" 2>&1 \
     || { log "$t $name: iperf3 failed: $(head -c 300 "$out")"; echo null; return; }
-  python3 "$BENCH/cpuacct.py" snap "$NS_C" "$NS_S" >"$RUN_DIR/cpu1.json"
+  python3 "$BENCH/cpuacct.py" snap --self "$$" "$NS_C" "$NS_S" >"$RUN_DIR/cpu1.json"
   p1=$(tree_cpu "$PROXY_PID")
   python3 - "$out" "$(python3 "$BENCH/cpuacct.py" delta "$RUN_DIR/cpu0.json" "$RUN_DIR/cpu1.json")" \
     "$(getconf CLK_TCK)" "$p0" "$p1" <<'EOF'
@@ -592,10 +599,10 @@ memory() { # memory TARGET -> JSON object
   local t=$1 out r0 r1 f1 fds0 res hold_pid
   if [ "$PROXY_PID" = 0 ]; then echo null; return; fi
   # Fault in the code paths first (a few flows of each kind), then the baseline.
-  in_c "$PCB" churn --target "$UP_IP:443" --hello "$HELLO" --concurrency 2 --duration 0.3 \
-    --warmup 0 >/dev/null 2>&1 || true
-  in_c "$PCB" churn --target "$UP_IP:80" --http-host files.example.com --concurrency 2 \
+  in_c "$PCB" churn --target "$UP_IP:443" --hello "$HELLO" --concurrency 2 \
     --duration 0.3 --warmup 0 >/dev/null 2>&1 || true
+  in_c "$PCB" churn --target "$UP_IP:80" --http-host files.example.com \
+    --concurrency 2 --duration 0.3 --warmup 0 >/dev/null 2>&1 || true
   sleep 1
   r0=$(tree_rss_kb "$PROXY_PID")
   fds0=$(tree_fds "$PROXY_PID")
@@ -629,7 +636,8 @@ EOF
 policy() {
   local tls_ok tls_no http_ok http_no
   tls_ok=$(in_c "$PCB" probe --target "$UP_IP:443" --hello "$HELLO")
-  tls_no=$(in_c "$PCB" probe --target "$UP_IP:443" --hello "$ROOT/tests/data/hellos/openssl-s_client.bin")
+  tls_no=$(in_c "$PCB" probe --target "$UP_IP:443" \
+    --hello "$ROOT/tests/data/hellos/openssl-s_client.bin")
   http_ok=$(in_c "$PCB" probe --target "$UP_IP:80" --http-host files.example.com)
   http_no=$(in_c "$PCB" probe --target "$UP_IP:80" --http-host unlisted.example.com)
   printf '{"tls_listed":"%s","tls_unlisted":"%s","http_listed":"%s","http_unlisted":"%s"}' \
@@ -638,9 +646,9 @@ policy() {
 
 # Busy share of the machine while this run does nothing (other users of the machine).
 background_busy() {
-  python3 "$BENCH/cpuacct.py" snap >"$RUN_DIR/bg0.json"
+  python3 "$BENCH/cpuacct.py" snap --self "$$" >"$RUN_DIR/bg0.json"
   sleep 3
-  python3 "$BENCH/cpuacct.py" snap >"$RUN_DIR/bg1.json"
+  python3 "$BENCH/cpuacct.py" snap --self "$$" >"$RUN_DIR/bg1.json"
   python3 "$BENCH/cpuacct.py" delta "$RUN_DIR/bg0.json" "$RUN_DIR/bg1.json" \
     | python3 -c 'import json,sys; print(json.load(sys.stdin)["util"])'
 }

@@ -158,6 +158,45 @@ pub fn detector(data: &[u8]) {
     }
 }
 
+/// Structure-aware entry to the ClientHello parser: `data` is a selector byte and a ClientHello
+/// body; the message header and the record framing are made here (records of a size chosen by
+/// the selector), so the fuzzer spends its time on the hello's own fields. The answer must not
+/// depend on the framing.
+pub fn client_hello(data: &[u8]) {
+    let Some((&sel, body)) = data.split_first() else {
+        return;
+    };
+    let body = &body[..body.len().min(MAX_HEAD)];
+    let mut msg = vec![1];
+    msg.extend_from_slice(&(body.len() as u32).to_be_bytes()[1..]);
+    msg.extend_from_slice(body);
+    let frame = |max: usize| {
+        let mut out = Vec::new();
+        for chunk in msg.chunks(max) {
+            out.extend_from_slice(&[0x16, 0x03, 0x01]);
+            out.extend_from_slice(&(chunk.len() as u16).to_be_bytes());
+            out.extend_from_slice(chunk);
+        }
+        out
+    };
+    let max = match sel % 4 {
+        0 => 1 << 14,
+        1 => 1 + usize::from(sel),
+        2 => 64,
+        _ => 1 + usize::from(sel % 8),
+    };
+    let framed = frame(max);
+    detector(&framed);
+    let whole = frame(1 << 14);
+    if framed.len() <= MAX_HEAD && whole.len() <= MAX_HEAD {
+        assert_eq!(
+            Detector::new().push(&framed),
+            Detector::new().push(&whole),
+            "the answer depends on the record framing ({max}-byte records)"
+        );
+    }
+}
+
 /// A name is what `name::normalize` makes of itself: lower case, no trailing dot, valid.
 fn check_name(d: &Detected) {
     if let Some(n) = &d.name {
@@ -293,17 +332,7 @@ fn check_http(head: &[u8], d: &Detected) {
         "Host lines seen by a lenient reader: {hosts:?}"
     );
     let value = hosts[0];
-    let host = if value.first() == Some(&b'[') {
-        let close = value
-            .iter()
-            .position(|&b| b == b']')
-            .expect("bracket closed");
-        &value[..=close]
-    } else if value.iter().filter(|&&b| b == b':').count() == 1 {
-        &value[..value.iter().position(|&b| b == b':').unwrap_or(0)]
-    } else {
-        value
-    };
+    let host = without_port(value);
     assert_eq!(
         presented(host),
         Some(d.name.clone()),
@@ -311,6 +340,55 @@ fn check_http(head: &[u8], d: &Detected) {
         String::from_utf8_lossy(value),
         d.name
     );
+
+    // The request target as a WHATWG URL parser reads it (backslashes are slashes, the slashes
+    // after the scheme are optional): an absolute-form target must name the same host, or an
+    // upstream that routes by the target could go elsewhere.
+    let mut parts = request_line.split(|&b| b == b' ');
+    let method = parts.next().unwrap_or_default();
+    let target = parts.next().unwrap_or_default();
+    if method != b"CONNECT" && !target.starts_with(b"/") && target != b"*" {
+        let colon = target
+            .iter()
+            .position(|&b| b == b':')
+            .expect("an absolute-form target has a scheme");
+        let rest = &target[colon + 1..];
+        let slashes = rest
+            .iter()
+            .take_while(|&&b| b == b'/' || b == b'\\')
+            .count();
+        let rest = &rest[slashes..];
+        let end = rest
+            .iter()
+            .position(|&b| matches!(b, b'/' | b'\\' | b'?' | b'#'))
+            .unwrap_or(rest.len());
+        let authority = &rest[..end];
+        let at = authority
+            .iter()
+            .rposition(|&b| b == b'@')
+            .map_or(0, |i| i + 1);
+        assert_eq!(
+            presented(without_port(&authority[at..])),
+            Some(d.name.clone()),
+            "target {:?} names another host than Host {:?}",
+            String::from_utf8_lossy(target),
+            String::from_utf8_lossy(value)
+        );
+    }
+}
+
+/// `host[:port]` or `[v6][:port]`: the host.
+fn without_port(value: &[u8]) -> &[u8] {
+    if value.first() == Some(&b'[') {
+        match value.iter().position(|&b| b == b']') {
+            Some(close) => &value[..=close],
+            None => value,
+        }
+    } else if value.iter().filter(|&&b| b == b':').count() == 1 {
+        &value[..value.iter().position(|&b| b == b':').unwrap_or(0)]
+    } else {
+        value
+    }
 }
 
 fn trim(s: &[u8]) -> &[u8] {

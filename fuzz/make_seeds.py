@@ -108,6 +108,11 @@ def tls_seeds():
         write("detect_tls", base + "-with-ccs", raw + b"\x14\x03\x03\x00\x01\x01")
 
     msg, version = handshake(read("openssl-s_client.bin"))
+    # client_hello takes a selector byte (record size) and the ClientHello body.
+    for cap in ["openssl-s_client.bin", "curl.bin", "chromium-mlkem.bin"]:
+        m, _ = handshake(read(cap))
+        for sel in (0, 1, 2, 3):
+            write("client_hello", "%s-sel%d" % (cap[:-4], sel), bytes([sel]) + m[4:])
     variants = {
         "no-sni": lambda e: [x for x in e if x[0] != 0],
         "ip-sni": replace_sni([sni(b"192.0.2.10")]),
@@ -122,7 +127,9 @@ def tls_seeds():
         + [(0xFE0D, b"\x00" + b"\x5a" * 40)],
     }
     for name, f in variants.items():
-        write("detect_tls", "openssl-" + name, records(with_sni(msg, f), version))
+        m = with_sni(msg, f)
+        write("detect_tls", "openssl-" + name, records(m, version))
+        write("client_hello", "openssl-" + name, b"\x00" + m[4:])
     # A hello declaring more than 64 KiB, and garbage that starts like TLS.
     big = bytearray(records(msg, version))
     big[6:9] = (70000).to_bytes(3, "big")
@@ -144,6 +151,9 @@ HTTP_HEADS = {
     "body": b"POST / HTTP/1.1\r\nHost: a.example\r\nContent-Length: 5\r\n\r\nHost:",
     "keep-alive": b"GET / HTTP/1.1\r\nHost: a.example\r\n\r\nGET / HTTP/1.1\r\nHost: b.example\r\n\r\n",
     "no-host": b"GET / HTTP/1.1\r\nAccept: */*\r\n\r\n",
+    "backslash-userinfo": b"GET http://evil.example.net\\@api.example.com/ HTTP/1.1\r\nHost: api.example.com\r\n\r\n",
+    "scheme-no-slashes": b"GET http:evil.example.net/ HTTP/1.1\r\nHost: api.example.com\r\n\r\n",
+    "scheme-backslashes": b"GET http:\\\\evil.example.net/ HTTP/1.1\r\nHost: api.example.com\r\n\r\n",
     "h2-preface": b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
     "http10": b"GET / HTTP/1.0\r\n\r\n",
 }

@@ -238,7 +238,12 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     if !secs.is_finite() || secs > 1.0e9 {
         return Err(format!("`{s}` is out of range"));
     }
-    Ok(Duration::from_secs_f64(secs))
+    // Millisecond resolution: what the timers honour and /config shows.
+    let ms = (secs * 1000.0).round();
+    if secs > 0.0 && ms < 1.0 {
+        return Err(format!("`{s}` is below 1ms"));
+    }
+    Ok(Duration::from_millis(ms as u64))
 }
 
 // ---------------------------------------------------------------- raw input
@@ -1111,6 +1116,8 @@ mod tests {
         assert!(parse_duration("5").is_err());
         assert!(parse_duration("5d").is_err());
         assert!(parse_duration("s").is_err());
+        assert!(parse_duration("0.0001s").is_err());
+        assert_eq!(parse_duration("0.0015s").unwrap(), Duration::from_millis(2));
         assert_eq!(format_duration(Duration::from_millis(200)), "200ms");
         assert_eq!(format_duration(Duration::from_secs(3600)), "1h");
     }

@@ -757,8 +757,17 @@ where
 {
     match mode {
         RelayMode::Splice => relay(client, upstream, pool, counters, idle_timeout, on_bytes).await,
+        // Boxed: the copy relay's larger future would otherwise set the size of every flow's.
         RelayMode::Copy { buf_size } => {
-            relay_copy(client, upstream, buf_size, counters, idle_timeout, on_bytes).await
+            Box::pin(relay_copy(
+                client,
+                upstream,
+                buf_size,
+                counters,
+                idle_timeout,
+                on_bytes,
+            ))
+            .await
         }
     }
 }

@@ -116,7 +116,7 @@ fn parse_head(head: &[u8]) -> Result<Detected, Malformed> {
 
     let target = req.path.unwrap_or_default();
     let is_connect = req.method == Some("CONNECT");
-    if let Some(authority) = target_authority(target.as_bytes(), is_connect) {
+    if let Some(authority) = target_authority(target.as_bytes(), is_connect)? {
         let authority = strip_port(authority)?;
         if comparable(authority) != comparable(host) {
             return Err(Malformed::AuthorityMismatch);
@@ -189,33 +189,53 @@ fn strip_port(authority: &[u8]) -> Result<&[u8], Malformed> {
 }
 
 /// The authority of an absolute-form target (`scheme://[userinfo@]host[:port]/...`), or of a
-/// CONNECT request's authority-form target. `None` for origin-form and asterisk-form.
-fn target_authority(target: &[u8], is_connect: bool) -> Option<&[u8]> {
+/// CONNECT request's authority-form target. `None` for origin-form (`/...`, including
+/// "/redirect?to=http://elsewhere") and asterisk-form (`*`).
+///
+/// Any other target is refused, and so is an authority with bytes RFC 3986 does not allow
+/// there: URL parsers disagree on such shapes (a WHATWG parser reads `http:evil/`,
+/// `http:\\evil/` and `http://evil\@good/` as naming host `evil`, an RFC 3986 reader finds
+/// no authority or host `good`), so an upstream could route by a host we never compared.
+fn target_authority(target: &[u8], is_connect: bool) -> Result<Option<&[u8]>, Malformed> {
     if is_connect {
-        return Some(target);
+        return Ok(Some(target));
     }
-    let sep = target.windows(3).position(|w| w == b"://")?;
-    let scheme = target.get(..sep)?;
+    if target.first() == Some(&b'/') || target == b"*" {
+        return Ok(None);
+    }
+    const NOT_A_TARGET: Malformed =
+        Malformed::HttpSyntax("the request target is neither origin-form nor absolute-form");
+    let sep = target
+        .windows(3)
+        .position(|w| w == b"://")
+        .ok_or(NOT_A_TARGET)?;
+    let scheme = target.get(..sep).unwrap_or_default();
     let is_scheme = scheme.first().is_some_and(u8::is_ascii_alphabetic)
         && scheme
             .iter()
             .all(|&b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'-' | b'.'));
     if !is_scheme {
-        // e.g. "/redirect?to=http://elsewhere": an origin-form target.
-        return None;
+        return Err(NOT_A_TARGET);
     }
-    let rest = target.get(sep + 3..)?;
+    let rest = target.get(sep + 3..).unwrap_or_default();
     let end = rest
         .iter()
         .position(|&b| matches!(b, b'/' | b'?' | b'#'))
         .unwrap_or(rest.len());
-    let authority = rest.get(..end)?;
+    let authority = rest.get(..end).unwrap_or_default();
+    // RFC 3986 §3.2: unreserved, pct-encoded, sub-delims, ":", "@", and "[" "]" of IP-literals.
+    let authority_byte = |b: &u8| b.is_ascii_alphanumeric() || b"-._~%!$&'()*+,;=:@[]".contains(b);
+    if !authority.iter().all(authority_byte) {
+        return Err(Malformed::HttpSyntax(
+            "the request target's authority holds characters RFC 3986 does not allow",
+        ));
+    }
     // Userinfo is not part of the host: "http://user:pw@host/".
     let host_start = authority
         .iter()
         .rposition(|&b| b == b'@')
         .map_or(0, |at| at + 1);
-    authority.get(host_start..)
+    Ok(authority.get(host_start..))
 }
 
 /// Host as compared with the target's authority: case-insensitive, one trailing dot ignored.
@@ -273,6 +293,10 @@ mod tests {
             ("absolute-form mismatch", b"GET http://b.example/ HTTP/1.1\r\nHost: a.example\r\n\r\n", malformed(Malformed::AuthorityMismatch)),
             ("absolute-form userinfo trick", b"GET http://a.example@b.example/ HTTP/1.1\r\nHost: a.example\r\n\r\n", malformed(Malformed::AuthorityMismatch)),
             ("https absolute-form mismatch", b"GET HTTPS://b.example:443/ HTTP/1.1\r\nHost: a.example\r\n\r\n", malformed(Malformed::AuthorityMismatch)),
+            ("backslash before userinfo", b"GET http://b.example\\@a.example/ HTTP/1.1\r\nHost: a.example\r\n\r\n", malformed(Malformed::HttpSyntax("the request target's authority holds characters RFC 3986 does not allow"))),
+            ("scheme without slashes", b"GET http:b.example/ HTTP/1.1\r\nHost: a.example\r\n\r\n", malformed(Malformed::HttpSyntax("the request target is neither origin-form nor absolute-form"))),
+            ("backslashes for slashes", b"GET http:\\\\b.example/ HTTP/1.1\r\nHost: a.example\r\n\r\n", malformed(Malformed::HttpSyntax("the request target is neither origin-form nor absolute-form"))),
+            ("authority-form without CONNECT", b"GET b.example:80 HTTP/1.1\r\nHost: a.example\r\n\r\n", malformed(Malformed::HttpSyntax("the request target is neither origin-form nor absolute-form"))),
             ("connect mismatch", b"CONNECT b.example:443 HTTP/1.1\r\nHost: a.example\r\n\r\n", malformed(Malformed::AuthorityMismatch)),
             ("invalid host", b"GET / HTTP/1.1\r\nHost: a_b!.example\r\n\r\n", malformed(Malformed::InvalidName)),
             ("bad port", b"GET / HTTP/1.1\r\nHost: a.example:http\r\n\r\n", malformed(Malformed::InvalidName)),
@@ -381,9 +405,27 @@ mod tests {
         assert_eq!(strip_port(b"[::1]:443"), Ok(&b"[::1]"[..]));
         assert_eq!(strip_port(b"[::1]x"), Err(Malformed::InvalidName));
         assert_eq!(strip_port(b"::1"), Ok(&b"::1"[..]));
-        assert_eq!(target_authority(b"http://h/p", false), Some(&b"h"[..]));
-        assert_eq!(target_authority(b"http://u@h?q", false), Some(&b"h"[..]));
-        assert_eq!(target_authority(b"/p", false), None);
-        assert_eq!(target_authority(b"1http://h/", false), None);
+        assert_eq!(target_authority(b"http://h/p", false), Ok(Some(&b"h"[..])));
+        assert_eq!(
+            target_authority(b"http://u@h?q", false),
+            Ok(Some(&b"h"[..]))
+        );
+        assert_eq!(target_authority(b"/p", false), Ok(None));
+        assert_eq!(target_authority(b"*", false), Ok(None));
+        for odd in [
+            &b"1http://h/"[..],
+            b"http:h/",
+            b"http:/h/",
+            b"http:\\\\h/",
+            b"h:80",
+            b"http://a\\@h/",
+            b"http://a\"@h/",
+        ] {
+            assert!(
+                target_authority(odd, false).is_err(),
+                "{}",
+                String::from_utf8_lossy(odd)
+            );
+        }
     }
 }

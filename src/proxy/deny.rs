@@ -49,7 +49,9 @@ pub async fn answer_and_close(mut stream: TcpStream, answer: &[u8]) {
     let write = async {
         stream.write_all(answer).await?;
         stream.shutdown().await?;
-        let mut sink = [0u8; 4096];
+        // On the heap: an array here would be part of every flow's future (the
+        // deny paths are inlined into `flow::handle`), relayed or not.
+        let mut sink = vec![0u8; 4096];
         loop {
             if stream.read(&mut sink).await? == 0 {
                 return Ok::<(), std::io::Error>(());

@@ -277,7 +277,7 @@ async fn connect_first(
     }
     let entry = reg.entry_label(&v).to_string();
     write_and_relay(
-        shared, gen, client, up_stream, &det.buf, &entry, flow, counters,
+        shared, gen, client, up_stream, det.buf, &entry, flow, counters,
     )
     .await;
 }
@@ -300,7 +300,8 @@ async fn detect(
         _ => start + cfg.proxy.first_byte_timeout,
     };
     let mut detector = Detector::new();
-    let mut buf: Vec<u8> = Vec::with_capacity(2048);
+    // Sized for the reserve below: starting smaller only adds a realloc per flow.
+    let mut buf: Vec<u8> = Vec::with_capacity(16 * 1024);
     let mut down_buf: Vec<u8> = Vec::new();
     let mut upstream_open = upstream.is_some();
     let done = |d: Detection, detector: &Detector| {
@@ -349,8 +350,12 @@ async fn detect(
                         upstream_open = false;
                     }
                     Ok(n) => {
-                        if client.write_all(&down_buf[..n]).await.is_err() {
-                            let d = Detection { protocol: guess_protocol(&buf), buf, name: None, ech: false, failure: None, client_error: Some("client_reset".into()) };
+                        // Bounded like the relay: a client that reads nothing
+                        // for idle_timeout while the server talks is gone.
+                        let wrote = tokio::time::timeout(cfg.proxy.idle_timeout, client.write_all(&down_buf[..n])).await;
+                        if !matches!(wrote, Ok(Ok(()))) {
+                            let why = if wrote.is_err() { "idle_timeout: the client reads nothing" } else { "client_reset" };
+                            let d = Detection { protocol: guess_protocol(&buf), buf, name: None, ech: false, failure: None, client_error: Some(why.into()) };
                             return done(d, &detector);
                         }
                         if let Some((_, c)) = upstream.as_ref() {
@@ -505,7 +510,7 @@ async fn connect_and_relay(
         addr: _,
         guard: _guard,
     } = up;
-    write_and_relay(shared, gen, client, stream, &first, &entry, flow, counters).await;
+    write_and_relay(shared, gen, client, stream, first, &entry, flow, counters).await;
 }
 
 /// Writes the bytes read during detection upstream, then relays until the
@@ -516,7 +521,7 @@ async fn write_and_relay(
     gen: &Generation,
     client: TcpStream,
     mut upstream: TcpStream,
-    first: &[u8],
+    first: Vec<u8>,
     entry: &str,
     flow: &mut Flow,
     counters: &Counters,
@@ -525,7 +530,14 @@ async fn write_and_relay(
     // Server bytes relayed while the client's were being classified.
     down_counter.inc_by(counters.down());
     if !first.is_empty() {
-        if let Err(e) = upstream.write_all(first).await {
+        let idle = gen.config().proxy.idle_timeout;
+        let wrote = tokio::time::timeout(idle, upstream.write_all(&first)).await;
+        if let Err(e) = wrote.unwrap_or_else(|_| {
+            Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "idle_timeout",
+            ))
+        }) {
             flow.rec.error = Some(format!("upstream: {e}"));
             deny::reset(client);
             deny::reset(upstream);
@@ -534,26 +546,30 @@ async fn write_and_relay(
         counters.up.fetch_add(first.len() as u64, Ordering::Relaxed);
         up_counter.inc_by(first.len() as u64);
     }
-    let relay = crate::relay::relay_with(
-        shared.relay_mode,
-        client,
-        upstream,
-        &shared.pipes,
-        counters,
-        gen.config().proxy.idle_timeout,
-        |dir, n| match dir {
-            Direction::Up => {
-                up_counter.inc_by(n);
-            }
-            Direction::Down => {
-                down_counter.inc_by(n);
-            }
-        },
-    );
+    // The detection buffer (16 KiB reserved) is not kept for the flow's life.
+    drop(first);
+    let on_bytes = |dir, n| match dir {
+        Direction::Up => {
+            up_counter.inc_by(n);
+        }
+        Direction::Down => {
+            down_counter.inc_by(n);
+        }
+    };
     // Closed from outside: revoke_on_reload (a reload removed the entry) or
     // the end of a drain (see reload::closed).
     let end = tokio::select! {
-        end = relay => end,
+        // Built in place: a relay future held in a local and moved into
+        // select! would take its size twice in every flow.
+        end = crate::relay::relay_with(
+            shared.relay_mode,
+            client,
+            upstream,
+            &shared.pipes,
+            counters,
+            gen.config().proxy.idle_timeout,
+            on_bytes,
+        ) => end,
         why = crate::reload::closed(shared, entry) => {
             flow.rec.error = Some(why.to_string());
             return;

@@ -20,7 +20,8 @@
 //!   the answer is the upstream's (the proxy let it through), else `denied` (an alert, a 403, a
 //!   reset, a close). The policy check of every target.
 //!
-//! Common: `--threads N` (tokio worker threads, default 2).
+//! Common: `--threads N` (tokio worker threads, default 2); clients take `--bind IP` (source
+//! address; the benchmark gives every measurement a fresh one, see bench/README.md).
 
 use std::collections::HashMap;
 use std::io;
@@ -133,6 +134,32 @@ fn listen(addr: SocketAddr) -> TcpListener {
         .unwrap_or_else(|e| die(&format!("bind {addr}: {e}")));
     sock.listen(4096).expect("listen");
     TcpListener::from_std(std::net::TcpListener::from(sock)).expect("tokio listener")
+}
+
+/// Connects to `target` from `bind` (source address, any port) when given.
+async fn connect_from(bind: Option<std::net::IpAddr>, target: SocketAddr) -> io::Result<TcpStream> {
+    let fut = async {
+        match bind {
+            None => TcpStream::connect(target).await,
+            Some(ip) => {
+                let sock = if target.is_ipv4() {
+                    tokio::net::TcpSocket::new_v4()?
+                } else {
+                    tokio::net::TcpSocket::new_v6()?
+                };
+                sock.bind(SocketAddr::new(ip, 0))?;
+                sock.connect(target).await
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), fut)
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))?
+}
+
+fn bind_of(opts: &Opts) -> Option<std::net::IpAddr> {
+    opts.get("bind")
+        .map(|v| v.parse().unwrap_or_else(|_| die("--bind: bad IP address")))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -249,14 +276,13 @@ async fn handle(kind: Kind, mut s: TcpStream) -> io::Result<()> {
 /// One flow; returns (time to first answer byte, time until the answer's EOF), both from the
 /// start of connect().
 async fn one_flow(
+    bind: Option<std::net::IpAddr>,
     target: SocketAddr,
     payload: &[u8],
     buf: &mut [u8],
 ) -> io::Result<(Duration, Duration)> {
     let t0 = Instant::now();
-    let mut s = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(target))
-        .await
-        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
+    let mut s = connect_from(bind, target).await?;
     s.set_nodelay(true)?;
     s.write_all(payload).await?;
     let first = tokio::time::timeout(Duration::from_secs(10), s.read(buf))
@@ -287,6 +313,7 @@ async fn churn(opts: Opts) {
         .parse()
         .unwrap_or_else(|_| die("--target: bad address"));
     let payload: Arc<[u8]> = payload_of(&opts).into();
+    let bind = bind_of(&opts);
     let conc: usize = opts.num("concurrency", 1);
     let duration = Duration::from_secs_f64(opts.num("duration", 5.0));
     let warmup = Duration::from_secs_f64(opts.num("warmup", 1.0));
@@ -309,7 +336,7 @@ async fn churn(opts: Opts) {
                 if t >= stop {
                     break;
                 }
-                match one_flow(target, &payload, &mut buf).await {
+                match one_flow(bind, target, &payload, &mut buf).await {
                     Ok((d, all)) if t >= measure_from => {
                         lat.push(d.as_micros().min(u32::MAX as u128) as u32);
                         total.push(all.as_micros().min(u32::MAX as u128) as u32);
@@ -381,8 +408,9 @@ async fn probe(opts: Opts) {
         .parse()
         .unwrap_or_else(|_| die("--target: bad address"));
     let payload = payload_of(&opts);
+    let bind = bind_of(&opts);
     let r: io::Result<Vec<u8>> = async {
-        let mut s = TcpStream::connect(target).await?;
+        let mut s = connect_from(bind, target).await?;
         s.write_all(&payload).await?;
         let mut got = Vec::new();
         tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut got))
@@ -408,6 +436,7 @@ async fn hold(opts: Opts) {
         .unwrap_or_else(|_| die("--target: bad address"));
     let count: usize = opts.num("count", 5000);
     let parallel: usize = opts.num("parallel", 64);
+    let bind = bind_of(&opts);
     let t0 = Instant::now();
     let sem = Arc::new(tokio::sync::Semaphore::new(parallel.max(1)));
     let mut tasks = Vec::with_capacity(count);
@@ -416,9 +445,7 @@ async fn hold(opts: Opts) {
         tasks.push(tokio::spawn(async move {
             let _permit = sem.acquire_owned().await.expect("semaphore");
             let r: io::Result<TcpStream> = async {
-                let mut s = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(target))
-                    .await
-                    .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
+                let mut s = connect_from(bind, target).await?;
                 s.write_all(b"ping-from-client").await?;
                 let mut b = [0u8; 16];
                 tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut b))
