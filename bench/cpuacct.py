@@ -8,10 +8,10 @@ On veth the receive work of a flow runs in the sender's softirq, so one process'
 misleads: the benchmark counts the busy time of the whole machine from /proc/stat. This machine
 is shared, though (compilers, fuzzers), so a snapshot also sums the CPU time of every user-space
 process that is neither in the benchmark's network namespaces nor the benchmark script or one of
-its descendants (`--self`: their cutime holds the reaped clients' CPU) ("others"); `ours` =
-machine busy - others: the benchmark's processes, the kernel's interrupt/softirq work and
-kernel threads.
-Processes that start and end inside the interval are counted through their parent's cutime.
+its descendants (`--self`) ("others"); `ours` = machine busy - others: the benchmark's
+processes, the kernel's interrupt/softirq work and kernel threads. Other processes that exit
+inside the interval are not seen, so their CPU there counts as ours: `ours` errs high, never
+low, and more so on a busy machine (the result file keeps the raw figures too).
 """
 import json
 import os
@@ -46,8 +46,9 @@ def snap(netns_names, self_pid=None):
                 continue
             if ns_inode(f"/proc/{pid}/ns/net") in ours:
                 continue
-            # ppid; utime stime cutime cstime (fields 4, 14-17 of proc_pid_stat(5))
-            procs[pid] = (fields[1], sum(int(x) for x in fields[11:15]))
+            # ppid; utime stime (fields 4, 14-15 of proc_pid_stat(5)). Not cutime: a parent
+            # reaping a long-lived child would add that child's whole life to the interval.
+            procs[pid] = (fields[1], int(fields[11]) + int(fields[12]))
         except (OSError, ValueError, IndexError):
             continue
     mine = {str(self_pid)} if self_pid else set()

@@ -186,29 +186,32 @@ impl Resolver {
     }
 }
 
-/// Local ports of the proxy's own upstream sockets, with where each one is
-/// going: a flow arriving from such a port to that destination is our own
-/// connection redirected back to us (DESIGN §3 step 1).
+/// The local addresses of the proxy's own upstream sockets, with where each
+/// one is going: a flow arriving from such an address to that destination is
+/// our own connection redirected back to us (DESIGN §3 step 1). Registered
+/// right after connect(2) starts (the kernel has chosen the source address
+/// and port by then), before the handshake can complete and be accepted.
 #[derive(Default)]
 pub struct OwnSockets {
-    by_port: Mutex<HashMap<u16, SocketAddr>>,
+    by_local: Mutex<HashMap<SocketAddr, SocketAddr>>,
 }
 
 impl OwnSockets {
-    fn insert(&self, port: u16, dst: SocketAddr) {
-        if let Ok(mut m) = self.by_port.lock() {
-            m.insert(port, dst);
+    fn insert(&self, local: SocketAddr, dst: SocketAddr) {
+        if let Ok(mut m) = self.by_local.lock() {
+            m.insert(local, dst);
         }
     }
-    pub fn remove(&self, port: u16) {
-        if let Ok(mut m) = self.by_port.lock() {
-            m.remove(&port);
+    fn remove(&self, local: SocketAddr) {
+        if let Ok(mut m) = self.by_local.lock() {
+            m.remove(&local);
         }
     }
     pub fn is_loop(&self, peer: SocketAddr, dst: SocketAddr) -> bool {
-        self.by_port
+        let peer = crate::net::canonical_addr(peer);
+        self.by_local
             .lock()
-            .map(|m| m.get(&peer.port()) == Some(&dst))
+            .map(|m| m.get(&peer) == Some(&dst))
             .unwrap_or(false)
     }
 }
@@ -305,29 +308,34 @@ impl Dialer {
             sock.set_mark(m)?;
         }
         sock.set_tcp_nodelay(true)?;
-        // Bind first so the local port is known before the SYN leaves: if
-        // the redirect does not exclude us, the loop guard recognises it.
-        let any: SocketAddr = if addr.is_ipv4() {
-            "0.0.0.0:0".parse().expect("literal")
-        } else {
-            "[::]:0".parse().expect("literal")
-        };
-        sock.bind(&SockAddr::from(any))?;
-        let port = sock
+        match sock.connect(&SockAddr::from(addr)) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+            Err(e) => return Err(e),
+        }
+        // The SYN is on its way and the source address is chosen: register
+        // it for the loop guard before the handshake can complete.
+        let local = sock
             .local_addr()?
             .as_socket()
-            .map(|a| a.port())
-            .unwrap_or(0);
-        self.own.insert(port, addr);
+            .map(crate::net::canonical_addr)
+            .ok_or_else(|| io::Error::other("upstream socket has no local address"))?;
+        self.own.insert(local, addr);
         let guard = PortGuard {
             own: &self.own,
-            port: Some(port),
+            local: Some(local),
         };
-        let tsock = TcpSocket::from_std_stream(std::net::TcpStream::from(sock));
-        let stream = match tokio::time::timeout(timeout, tsock.connect(addr)).await {
+        let stream = TcpStream::from_std(std::net::TcpStream::from(sock))?;
+        match tokio::time::timeout(timeout, stream.writable()).await {
             Ok(r) => r?,
             Err(_) => return Err(io::Error::new(io::ErrorKind::TimedOut, "connect timed out")),
-        };
+        }
+        if let Some(e) = stream.take_error()? {
+            return Err(e);
+        }
+        // Writable without an error can still mean "not connected" on some
+        // paths; peer_addr says for sure.
+        stream.peer_addr()?;
         Ok(Connected {
             stream,
             addr,
@@ -336,16 +344,16 @@ impl Dialer {
     }
 }
 
-/// Deregisters an upstream socket's port from the loop guard when dropped.
+/// Deregisters an upstream socket from the loop guard when dropped.
 pub struct PortGuard<'a> {
     own: &'a OwnSockets,
-    port: Option<u16>,
+    local: Option<SocketAddr>,
 }
 
 impl Drop for PortGuard<'_> {
     fn drop(&mut self) {
-        if let Some(p) = self.port {
-            self.own.remove(p);
+        if let Some(l) = self.local {
+            self.own.remove(l);
         }
     }
 }
@@ -355,4 +363,27 @@ pub fn mark_works(mark: u32) -> bool {
     Socket::new(Domain::IPV4, Type::STREAM, None)
         .and_then(|s| s.set_mark(mark))
         .is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loop_guard_compares_the_whole_address() {
+        let own = OwnSockets::default();
+        let dst: SocketAddr = "192.0.2.10:7000".parse().unwrap();
+        own.insert("192.0.2.2:40000".parse().unwrap(), dst);
+        assert!(own.is_loop("192.0.2.2:40000".parse().unwrap(), dst));
+        assert!(own.is_loop("[::ffff:192.0.2.2]:40000".parse().unwrap(), dst));
+        // Same port from another host (gateway mode), or to another
+        // destination: an ordinary client, not our own socket.
+        assert!(!own.is_loop("198.18.0.2:40000".parse().unwrap(), dst));
+        assert!(!own.is_loop(
+            "192.0.2.2:40000".parse().unwrap(),
+            "192.0.2.11:7000".parse().unwrap()
+        ));
+        own.remove("192.0.2.2:40000".parse().unwrap());
+        assert!(!own.is_loop("192.0.2.2:40000".parse().unwrap(), dst));
+    }
 }

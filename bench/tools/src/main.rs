@@ -54,7 +54,8 @@ impl Opts {
         self.0.get(k).map(String::as_str)
     }
     fn req(&self, k: &str) -> &str {
-        self.get(k).unwrap_or_else(|| die(&format!("--{k} is required")))
+        self.get(k)
+            .unwrap_or_else(|| die(&format!("--{k} is required")))
     }
     fn num<T: std::str::FromStr>(&self, k: &str, default: T) -> T {
         match self.get(k) {
@@ -174,7 +175,11 @@ enum Kind {
 
 async fn serve(opts: Opts) {
     let mut n = 0;
-    for (key, kind) in [("tls", Kind::Tls), ("http", Kind::Http), ("hold", Kind::Hold)] {
+    for (key, kind) in [
+        ("tls", Kind::Tls),
+        ("http", Kind::Http),
+        ("hold", Kind::Hold),
+    ] {
         for addr in opts.addrs(key) {
             let l = listen(addr);
             n += 1;
