@@ -237,6 +237,11 @@ impl AccessLogger {
 
     /// Queues the line of a finished flow; never blocks. A full queue drops
     /// the line and counts it.
+    /// False with `access_log = "off"`: callers skip building the line.
+    pub fn enabled(&self) -> bool {
+        self.tx.is_some()
+    }
+
     pub fn log(&self, rec: &FlowRecord) {
         let Some(tx) = &self.tx else { return };
         let mut line = match serde_json::to_string(rec) {

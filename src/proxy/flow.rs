@@ -105,7 +105,9 @@ impl Flow {
         self.rec.bytes_up = counters.up();
         self.rec.bytes_down = counters.down();
         self.rec.duration_ms = self.started.elapsed().as_millis() as u64;
-        self.rec.ts = timestamp(SystemTime::now());
+        if shared.access_log.enabled() {
+            self.rec.ts = timestamp(SystemTime::now());
+        }
         shared.log(&self.rec);
     }
 }
