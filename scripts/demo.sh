@@ -60,19 +60,22 @@ in_inet ip addr add 192.0.2.1/24 dev eth0
 in_inet ip addr add 2001:db8::1/64 dev eth0 nodad
 for a in 192.0.2.10 192.0.2.11 198.51.100.7 203.0.113.5; do in_inet ip addr add "$a/32" dev eth0; done
 in_inet ip addr add 2001:db8::10/128 dev eth0 nodad
+in_inet ip addr add 2001:db8::11/128 dev eth0 nodad
 in_pod ip link set eth0 up
 in_inet ip link set eth0 up
 in_pod ip route add default via 192.0.2.1
 in_pod ip -6 route add default via 2001:db8::1
 
-# Names come from the pod's hosts file; its resolver address answers nothing,
-# so nothing ever leaves the world.
+# Names come from the pod's hosts file (A and AAAA for every name the proxy
+# resolves); its resolver address answers nothing, so nothing ever leaves the
+# world.
 mkdir -p "/etc/netns/$POD"
 cat >"/etc/netns/$POD/hosts" <<'EOF'
 127.0.0.1 localhost
 192.0.2.10 api.example.com
 2001:db8::10 api.example.com
 192.0.2.11 a.files.example.com
+2001:db8::11 a.files.example.com
 198.51.100.7 other.example.net
 EOF
 echo "nameserver 192.0.2.53" >"/etc/netns/$POD/resolv.conf"
@@ -97,7 +100,7 @@ in_pod setpriv --reuid 1337 --regid 1337 --clear-groups \
 PIDS+=($!)
 in_pod "$BIN" wait --url http://127.0.0.1:15021/ready --timeout 10s
 
-CURL=(curl -sS --max-time 5 --cacert "$WORK/cert.pem")
+CURL=(curl -sS --max-time 10 --cacert "$WORK/cert.pem")
 echo
 echo "== allowed: https://api.example.com/ (entry payments-api)"
 in_pod "${CURL[@]}" https://api.example.com/ | sed 's/^/   /'
