@@ -1,4 +1,4 @@
-//! Observability stage: the Prometheus metrics of DESIGN §4. Label values
+//! Observability stage: the Prometheus metrics of docs/DESIGN.md §4. Label values
 //! come from the registry (entry names) and fixed enums only, so cardinality
 //! is bounded by the config, never by what clients send.
 

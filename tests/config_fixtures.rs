@@ -1,4 +1,4 @@
-//! Every validation error of DESIGN §2 has an invalid fixture; each must be
+//! Every validation error of docs/DESIGN.md §2 has an invalid fixture; each must be
 //! refused with a message naming the file, the line and the key.
 
 use std::path::Path;

@@ -1,4 +1,4 @@
-//! The deployment examples in deploy/ say what DESIGN.md §5 requires of a
+//! The deployment examples in deploy/ say what docs/DESIGN.md §5 requires of a
 //! deployment: init with NET_ADMIN/NET_RAW as root, the proxy as a native
 //! sidecar running as [redirect] proxy_uid/proxy_gid with a startup probe on
 //! /ready, the app as another uid without capabilities; the systemd unit runs

@@ -1,5 +1,5 @@
 //! Golden files: `portcullis init --dry-run -c tests/fixtures/examples/X.toml`
-//! prints `iptables/X.rules` byte for byte (DESIGN.md §5).
+//! prints `iptables/X.rules` byte for byte (docs/DESIGN.md §5).
 //!
 //! The resolvers come from tests/fixtures/examples/resolv.conf through
 //! PORTCULLIS_RESOLV_CONF, so the output does not depend on the machine.

@@ -1,4 +1,4 @@
-//! `portcullis init` for real, in network namespaces (DESIGN.md §5, §6).
+//! `portcullis init` for real, in network namespaces (docs/DESIGN.md §5, §6).
 //!
 //! Every iptables command here runs as `ip netns exec NS ...` inside a
 //! namespace this test created (named `pci<pid>x<n>`); the machine's own

@@ -1,5 +1,5 @@
 //! Redirect stage, set-up side (`portcullis init`): renders the iptables rules
-//! of `[redirect]` and the policy (DESIGN.md §5) and applies them atomically
+//! of `[redirect]` and the policy (docs/DESIGN.md §5) and applies them atomically
 //! with `iptables-restore --noflush` / `ip6tables-restore --noflush`.
 //!
 //! - [`render`] is pure: config + resolver list -> rules (the golden files in
