@@ -12,6 +12,8 @@
 //! - `name`, `net`: names and addresses as every stage sees them;
 //! - `explain`: the decision rendered for an operator.
 
+#![forbid(unsafe_code)]
+
 pub mod access_log;
 pub mod admin;
 pub mod config;
