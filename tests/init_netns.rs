@@ -524,13 +524,15 @@ fn apply_rerun_and_cleanup() {
                 c("capture_interfaces lan0")
             )
         ));
+        // allow_udp without cidrs: the resolvers only
+        let resolver = if v6 { "2001:db8::53" } else { "192.0.2.53" };
         assert!(ns.has_rule(
             v6,
             "filter",
             "PORTCULLIS_EGRESS",
             &format!(
-                "-p udp -m udp --dport 53 {} -j RETURN",
-                c("allow_udp ports 53")
+                "-d {resolver} -p udp -m udp --dport 53 {} -j RETURN",
+                c(&format!("allow_udp ports 53 to resolver {resolver}"))
             )
         ));
     }
@@ -787,7 +789,10 @@ fn traffic_is_redirected_and_filtered() {
         .starts_with("ping"));
 
     let tmp = TempDir::new();
-    let resolv = tmp.file("resolv.conf", "nameserver 192.0.2.1\n");
+    let resolv = tmp.file(
+        "resolv.conf",
+        "nameserver 192.0.2.1\nnameserver 2001:db8::1\n",
+    );
     let cfg = tmp.file("pod.toml", POD_CONFIG);
     pod.init_ok(&resolv, &["-c", cfg.to_str().expect("utf-8")]);
 
@@ -875,7 +880,10 @@ fn ipv6_off_drops_ipv6() {
 
 /// Gateway mode: TCP forwarded from `capture_interfaces` is redirected to the
 /// proxy; a connection to the gateway's own address is not; forwarded UDP 443
-/// is refused and UDP 53 passes.
+/// is refused, UDP 53 passes to the gateway's resolver only. With
+/// `dhcp_client_uids` set, the rule set (owner matches only where OUTPUT
+/// leads, never FORWARD) is accepted by iptables-restore and forwarded DHCP
+/// requests are refused like any UDP.
 #[test]
 fn gateway_captures_forwarded_tcp() {
     let lan = Ns::new();
@@ -915,8 +923,10 @@ fn gateway_captures_forwarded_tcp() {
         "tcp/192.0.2.1/8080/upstream",
         "tcp/2001:db8::1/8080/upstream",
         "udp/192.0.2.1/53",
+        "udp/2001:db8::1/53",
         "udp/192.0.2.1/443",
         "udp/2001:db8::1/443",
+        "udp/192.0.2.1/67",
     ]);
     let _proxy = host.serve(&[
         "tcp/0.0.0.0/15001/proxy",
@@ -931,10 +941,10 @@ fn gateway_captures_forwarded_tcp() {
     );
 
     let tmp = TempDir::new();
-    let resolv = tmp.file("resolv.conf", "");
+    let resolv = tmp.file("resolv.conf", "nameserver 192.0.2.1\n");
     let cfg = tmp.file(
         "gw.toml",
-        "[proxy]\nlisten = [\"0.0.0.0:15001\", \"[::]:15001\"]\n[redirect]\nproxy_gid = 1337\ncapture_interfaces = [\"lan0\"]\n",
+        "[proxy]\nlisten = [\"0.0.0.0:15001\", \"[::]:15001\"]\n[redirect]\nproxy_gid = 1337\ncapture_interfaces = [\"lan0\"]\ndhcp_client_uids = [0]\n",
     );
     let out = host.init(&resolv, &["-c", cfg.to_str().expect("utf-8")]);
     assert!(
@@ -958,10 +968,17 @@ fn gateway_captures_forwarded_tcp() {
     assert!(lan
         .client(APP, &["tcp", "2001:db8:ff::1", "8080"])
         .starts_with("gateway"));
-    // forwarded UDP: 53 passes, 443 refused
+    // forwarded UDP: 53 passes to the resolver only, 443 and DHCP refused
     assert!(lan
         .client(APP, &["udp", "192.0.2.1", "53"])
         .starts_with("ping"));
+    assert!(refused(&lan.client(APP, &["udp", "2001:db8::1", "53"])));
+    assert!(refused(&lan.client_from(
+        None,
+        Some(68),
+        &["udp", "192.0.2.1", "67"],
+        2.0
+    )));
     assert!(lan
         .client(APP, &["udp", "192.0.2.1", "443"])
         .starts_with("ERR ConnectionRefusedError"));
@@ -1116,12 +1133,14 @@ fn dhcp_exception_is_no_udp_channel() {
     let dry = pod.init_ok(&resolv, &["--dry-run", "-c", cfg.to_str().expect("utf-8")]);
     assert!(dry.contains("dhcp_client_uids: 0"), "{dry}");
     pod.init_ok(&resolv, &["-c", cfg.to_str().expect("utf-8")]);
+    // (the workload first: once the DHCP client's exchange is tracked, the
+    // same addresses and ports count as its reply traffic)
+    assert!(refused(&udp(APP, 68, "192.0.2.9", "67")));
+    assert!(refused(&udp(APP, 546, "2001:db8::9", "547")));
     assert!(answered(&udp(None, 68, "192.0.2.9", "67")));
     assert!(answered(&udp(None, 546, "2001:db8::9", "547")));
     assert!(refused(&udp(None, 67, "192.0.2.9", "68")));
     assert!(refused(&udp(None, 547, "2001:db8::9", "546")));
-    assert!(refused(&udp(APP, 68, "192.0.2.9", "67")));
-    assert!(refused(&udp(APP, 546, "2001:db8::9", "547")));
 }
 
 /// Issue 10.2: an `allow_udp` rule without `cidrs` (the default `{ ports =
