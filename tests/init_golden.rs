@@ -201,3 +201,36 @@ fn dry_run_needs_no_privileges_and_a_bad_config_is_one_line() {
     assert_eq!(err.trim().lines().count(), 1, "{err}");
     assert!(err.contains("bad_cidr.toml"), "{err}");
 }
+
+/// `check` tells the operator that `init` decides the resolvers on the target
+/// host, and warns about UDP to any address and, in host mode, missing NTP.
+#[test]
+fn check_says_init_decides_the_resolvers() {
+    let check = |rel: &str| -> String {
+        let out = Command::new(env!("CARGO_BIN_EXE_portcullis"))
+            .current_dir(root())
+            .args(["check", "-c", rel])
+            .output()
+            .expect("run portcullis");
+        assert!(out.status.success(), "{rel}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).expect("utf-8")
+    };
+    let pod = check("tests/fixtures/examples/pod.toml");
+    assert!(
+        pod.contains("note: [redirect] allow_udp without cidrs (ports 53) reaches only the host's resolvers, which `portcullis init` reads from /etc/resolv.conf on the target host"),
+        "{pod}"
+    );
+    assert!(!pod.contains("NTP"), "a pod is not in host mode: {pod}");
+    let host = check("deploy/systemd/config.toml");
+    assert!(!host.contains("warning:"), "{host}");
+    let tmp = std::env::temp_dir().join(format!("portcullis-golden-{}.toml", std::process::id()));
+    std::fs::write(
+        &tmp,
+        "[redirect]\ndhcp_client_uids = [0]\nallow_udp = [{ ports = [53], cidrs = [\"0.0.0.0/0\", \"::/0\"] }]\n",
+    )
+    .expect("temp config");
+    let out = check(tmp.to_str().expect("utf-8"));
+    let _ = std::fs::remove_file(&tmp);
+    assert!(out.contains("warning: [redirect] allow_udp ports 53 to 0.0.0.0/0, ::/0: "), "{out}");
+    assert!(out.contains("warning: [redirect] allow_udp does not let UDP 123 (NTP) out"), "{out}");
+}
