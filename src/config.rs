@@ -1233,4 +1233,45 @@ mod tests {
         let e = check_self_exclusion(&c.redirect, 1000, 1000, false).unwrap_err();
         assert!(e.contains("uid 1337 and gid 1337"), "{e}");
     }
+
+    #[test]
+    fn dhcp_client_uids() {
+        let c = Config::parse(Path::new("t.toml"), "").unwrap();
+        assert!(
+            c.redirect.dhcp_client_uids.is_empty(),
+            "pods run no DHCP client"
+        );
+        let c = Config::parse(
+            Path::new("t.toml"),
+            "[redirect]\ndhcp_client_uids = [0, \"systemd-network\", 0, \"_dhcp\"]\n",
+        )
+        .unwrap();
+        assert_eq!(
+            c.redirect.dhcp_client_uids,
+            [
+                UserRef::Id(0),
+                UserRef::Name("systemd-network".into()),
+                UserRef::Name("_dhcp".into())
+            ]
+        );
+        for bad in [
+            "-1",
+            "\"Root\"",
+            "\"a b\"",
+            "\"\"",
+            "\"1abc\"",
+            "4294967296",
+        ] {
+            let e = Config::parse(
+                Path::new("t.toml"),
+                &format!("[redirect]\ndhcp_client_uids = [{bad}]\n"),
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(
+                e.contains("t.toml:2") && e.contains("dhcp_client_uids"),
+                "{bad}: {e}"
+            );
+        }
+    }
 }

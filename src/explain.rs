@@ -278,10 +278,14 @@ mod tests {
         // the default: the resolvers, decided on the target host
         let n = notes("");
         assert_eq!(n.len(), 1, "{n:?}");
-        assert!(n[0].starts_with("note: [redirect] allow_udp without cidrs (ports 53) reaches only the host's resolvers"));
+        assert!(n[0].starts_with(
+            "note: [redirect] allow_udp without cidrs (ports 53) reaches only the host's resolvers"
+        ));
         assert!(n[0].contains("on the target host"));
         // any address is a warning
-        let n = notes("[redirect]\nallow_udp = [{ ports = [53], cidrs = [\"0.0.0.0/0\", \"::/0\"] }]\n");
+        let n = notes(
+            "[redirect]\nallow_udp = [{ ports = [53], cidrs = [\"0.0.0.0/0\", \"::/0\"] }]\n",
+        );
         assert_eq!(n.len(), 1, "{n:?}");
         assert!(n[0].starts_with("warning: [redirect] allow_udp ports 53 to 0.0.0.0/0, ::/0: "));
         // host mode without NTP
@@ -291,6 +295,9 @@ mod tests {
         assert!(!n.iter().any(|l| l.contains("NTP")), "{n:?}");
         // a pod is not warned about NTP; no filter, nothing to say
         assert!(!notes("").iter().any(|l| l.contains("NTP")));
-        assert!(notes("outbound_traffic_policy = \"ALLOW_ANY\"\n[redirect]\ndhcp_client_uids = [0]\n").is_empty());
+        assert!(notes(
+            "outbound_traffic_policy = \"ALLOW_ANY\"\n[redirect]\ndhcp_client_uids = [0]\n"
+        )
+        .is_empty());
     }
 }

@@ -202,7 +202,9 @@ fn systemd_unit() {
     // and the host example config matches that uid
     let host = Config::load(&root().join("tests/fixtures/examples/host.toml")).expect("host.toml");
     assert_eq!(host.redirect.proxy_uid, 1337);
-    assert!(text.contains("install -D -m 0644 deploy/systemd/config.toml /etc/portcullis/config.toml"));
+    assert!(
+        text.contains("install -D -m 0644 deploy/systemd/config.toml /etc/portcullis/config.toml")
+    );
 }
 
 /// The host config shipped beside the unit: valid, the proxy's uid of the
@@ -212,8 +214,8 @@ fn systemd_unit() {
 #[test]
 fn systemd_host_config() {
     use portcullis::config::UserRef;
-    let cfg = Config::load(&root().join("deploy/systemd/config.toml"))
-        .unwrap_or_else(|e| panic!("{e}"));
+    let cfg =
+        Config::load(&root().join("deploy/systemd/config.toml")).unwrap_or_else(|e| panic!("{e}"));
     assert!(cfg.warnings.is_empty(), "{:?}", cfg.warnings);
     assert_eq!(cfg.redirect.proxy_uid, 1337);
     assert_eq!(
@@ -244,5 +246,8 @@ fn systemd_host_config() {
     );
     let rules = portcullis::init::render_for(&cfg, &facts);
     let v4 = rules.v4.restore_input();
-    assert!(v4.contains("--uid-owner 998 -m udp --sport 68 --dport 67 "), "{v4}");
+    assert!(
+        v4.contains("--uid-owner 998 -m udp --sport 68 --dport 67 "),
+        "{v4}"
+    );
 }

@@ -138,9 +138,16 @@ fn goldens_say_what_the_examples_mean() {
     assert!(v6.contains("-A PORTCULLIS_EGRESS -d 2001:db8::53/128 -p udp -m udp --dport 53 "));
     for fam in [&v4, &v6] {
         assert!(!fam.contains("-A PORTCULLIS_EGRESS -p udp -m udp --dport 53 "));
-        assert!(fam.contains("-A PORTCULLIS_OUTPUT -p tcp -m owner --uid-owner 991 -m tcp --dport 53 "));
-        assert!(fam.contains("-A PORTCULLIS_OUTPUT -p udp -m owner --uid-owner 991 -m udp --dport 53 "));
-        assert!(!fam.contains("--dport 67") && !fam.contains("--dport 547"), "pods run no DHCP client");
+        assert!(
+            fam.contains("-A PORTCULLIS_OUTPUT -p tcp -m owner --uid-owner 991 -m tcp --dport 53 ")
+        );
+        assert!(
+            fam.contains("-A PORTCULLIS_OUTPUT -p udp -m owner --uid-owner 991 -m udp --dport 53 ")
+        );
+        assert!(
+            !fam.contains("--dport 67") && !fam.contains("--dport 547"),
+            "pods run no DHCP client"
+        );
     }
     assert!(v4.contains("-d 10.96.0.0/12 ") && !v4.contains("fd00:"));
     assert!(v6.contains("-d fd00:10:96::/112 ") && !v6.contains("10.96."));
@@ -176,8 +183,12 @@ fn goldens_say_what_the_examples_mean() {
     }
 
     let (v4, v6) = split(&text("host"));
-    assert!(v4.contains("-A PORTCULLIS_OUTPUT -p udp -m owner --uid-owner 0 -m udp --sport 68 --dport 67 "));
-    assert!(v6.contains("-A PORTCULLIS_OUTPUT -p udp -m owner --uid-owner 0 -m udp --sport 546 --dport 547 "));
+    assert!(v4.contains(
+        "-A PORTCULLIS_OUTPUT -p udp -m owner --uid-owner 0 -m udp --sport 68 --dport 67 "
+    ));
+    assert!(v6.contains(
+        "-A PORTCULLIS_OUTPUT -p udp -m owner --uid-owner 0 -m udp --sport 546 --dport 547 "
+    ));
     assert!(!v4.contains("--dport 68 ") && !v6.contains("--dport 546 "));
     assert!(v4.contains("-d 192.0.2.123/32 -p udp -m udp --dport 123 "));
     assert!(v6.contains("-d 2001:db8::123/128 -p udp -m udp --dport 123 "));
@@ -212,7 +223,11 @@ fn check_says_init_decides_the_resolvers() {
             .args(["check", "-c", rel])
             .output()
             .expect("run portcullis");
-        assert!(out.status.success(), "{rel}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{rel}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8(out.stdout).expect("utf-8")
     };
     let pod = check("tests/fixtures/examples/pod.toml");
@@ -231,6 +246,12 @@ fn check_says_init_decides_the_resolvers() {
     .expect("temp config");
     let out = check(tmp.to_str().expect("utf-8"));
     let _ = std::fs::remove_file(&tmp);
-    assert!(out.contains("warning: [redirect] allow_udp ports 53 to 0.0.0.0/0, ::/0: "), "{out}");
-    assert!(out.contains("warning: [redirect] allow_udp does not let UDP 123 (NTP) out"), "{out}");
+    assert!(
+        out.contains("warning: [redirect] allow_udp ports 53 to 0.0.0.0/0, ::/0: "),
+        "{out}"
+    );
+    assert!(
+        out.contains("warning: [redirect] allow_udp does not let UDP 123 (NTP) out"),
+        "{out}"
+    );
 }

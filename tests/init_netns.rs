@@ -178,8 +178,7 @@ impl Ns {
         if let Some(p) = sport {
             cmd.env("CLIENT_SPORT", p.to_string());
         }
-        let out = cmd.output()
-            .expect("run client");
+        let out = cmd.output().expect("run client");
         String::from_utf8_lossy(&out.stdout).trim().to_string()
     }
 }
@@ -1068,7 +1067,12 @@ fn pod_and_inet() -> (Ns, Ns) {
         &["192.0.2.2/24", "2001:db8::2/64"],
         &inet,
         "eth0",
-        &["192.0.2.1/24", "192.0.2.9/24", "2001:db8::1/64", "2001:db8::9/64"],
+        &[
+            "192.0.2.1/24",
+            "192.0.2.9/24",
+            "2001:db8::1/64",
+            "2001:db8::9/64",
+        ],
     );
     pod.ip(&["route", "add", "default", "via", "192.0.2.1"]);
     pod.ip(&["-6", "route", "add", "default", "via", "2001:db8::1"]);
@@ -1177,7 +1181,9 @@ fn udp_53_reaches_only_the_resolvers() {
     // any address, written out
     let cfg = tmp.file(
         "any.toml",
-        &format!("{POD_CONFIG}allow_udp = [{{ ports = [53], cidrs = [\"0.0.0.0/0\", \"::/0\"] }}]\n"),
+        &format!(
+            "{POD_CONFIG}allow_udp = [{{ ports = [53], cidrs = [\"0.0.0.0/0\", \"::/0\"] }}]\n"
+        ),
     );
     pod.init_ok(&resolv, &["-c", cfg.to_str().expect("utf-8")]);
     for addr in ["192.0.2.9", "2001:db8::9"] {
@@ -1209,7 +1215,10 @@ fn local_stub_resolver_uid_passes_port_53() {
     let resolv = tmp.file("resolv.conf", "nameserver 127.0.0.53\n");
     let cfg = tmp.file("pod.toml", POD_CONFIG);
     let dry = pod.init_ok(&resolv, &["--dry-run", "-c", cfg.to_str().expect("utf-8")]);
-    assert!(dry.contains("127.0.0.53") && dry.contains("uid 1500"), "{dry}");
+    assert!(
+        dry.contains("127.0.0.53") && dry.contains("uid 1500"),
+        "{dry}"
+    );
     pod.init_ok(&resolv, &["-c", cfg.to_str().expect("utf-8")]);
 
     // the stub's uid reaches its upstreams on port 53, UDP and TCP
@@ -1240,22 +1249,32 @@ fn init_refuses_beside_istio() {
     let resolv = tmp.file("resolv.conf", "");
     let cfg = tmp.file("pod.toml", POD_CONFIG);
     let cfg_s = cfg.to_str().expect("utf-8");
-    for (tool, chain) in [("iptables-nft", "ISTIO_OUTPUT"), ("iptables-legacy", "ISTIO_INBOUND")] {
+    for (tool, chain) in [
+        ("iptables-nft", "ISTIO_OUTPUT"),
+        ("iptables-legacy", "ISTIO_INBOUND"),
+    ] {
         let ns = Ns::new();
         // what istio-init leaves in the pod (abridged)
         ns.ok(&[tool, "-w", "-t", "nat", "-N", chain]);
         ns.ok(&[tool, "-w", "-t", "nat", "-N", "ISTIO_REDIRECT"]);
         ns.ok(&[
-            tool, "-w", "-t", "nat", "-A", chain, "-p", "tcp", "-j", "ISTIO_REDIRECT",
+            tool,
+            "-w",
+            "-t",
+            "nat",
+            "-A",
+            chain,
+            "-p",
+            "tcp",
+            "-j",
+            "ISTIO_REDIRECT",
         ]);
         let out = ns.init(&resolv, &["-c", cfg_s]);
         assert_eq!(out.status.code(), Some(1), "{tool}");
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(err.trim().lines().count(), 1, "{err}");
         assert!(
-            err.contains("Istio")
-                && err.contains(chain)
-                && err.contains("sidecar.istio.io/inject"),
+            err.contains("Istio") && err.contains(chain) && err.contains("sidecar.istio.io/inject"),
             "{err}"
         );
         for save in ["iptables-nft-save", "iptables-legacy-save"] {

@@ -302,7 +302,10 @@ impl HostFacts {
             if v.is_empty() {
                 "none".to_string()
             } else {
-                v.iter().map(|ip| ip.to_string()).collect::<Vec<_>>().join(", ")
+                v.iter()
+                    .map(|ip| ip.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
             }
         };
         out.push(format!(

@@ -741,7 +741,10 @@ mod tests {
             // nothing with an owner match where FORWARD leads
             for chain in [FILTER_EGRESS, FILTER_FORWARD] {
                 for s in specs(rs, "filter", chain) {
-                    assert!(!s.contains("-m owner") && !s.contains("DHCP"), "{chain}: {s}");
+                    assert!(
+                        !s.contains("-m owner") && !s.contains("DHCP"),
+                        "{chain}: {s}"
+                    );
                 }
             }
         }
@@ -749,25 +752,45 @@ mod tests {
         let r = render(&c, &[]);
         let out = specs(&r.v4, "filter", FILTER_OUTPUT);
         assert_eq!(out.iter().filter(|s| s.contains("DHCP")).count(), 2);
-        assert!(r.chosen.iter().any(|l| l == "dhcp_client_uids: 0, 998"), "{:?}", r.chosen);
+        assert!(
+            r.chosen.iter().any(|l| l == "dhcp_client_uids: 0, 998"),
+            "{:?}",
+            r.chosen
+        );
     }
 
     #[test]
     fn udp_without_cidrs_reaches_the_resolvers() {
         let c = cfg("[redirect]\nallow_udp = [{ ports = [53] }, { ports = [123], cidrs = [\"0.0.0.0/0\"] }]\n");
-        let r = render(&c, &["192.0.2.53".parse().unwrap(), "2001:db8::53".parse().unwrap()]);
+        let r = render(
+            &c,
+            &[
+                "192.0.2.53".parse().unwrap(),
+                "2001:db8::53".parse().unwrap(),
+            ],
+        );
         let v4 = specs(&r.v4, "filter", FILTER_EGRESS);
         let v6 = specs(&r.v6, "filter", FILTER_EGRESS);
-        assert!(v4.iter().any(|s| s.starts_with("-d 192.0.2.53/32 -p udp -m udp --dport 53 ")
-            && s.contains("allow_udp ports 53 to resolver 192.0.2.53")));
-        assert!(v6.iter().any(|s| s.starts_with("-d 2001:db8::53/128 -p udp -m udp --dport 53 ")));
-        assert!(!v4.iter().any(|s| s.starts_with("-p udp -m udp --dport 53 ")));
+        assert!(v4.iter().any(
+            |s| s.starts_with("-d 192.0.2.53/32 -p udp -m udp --dport 53 ")
+                && s.contains("allow_udp ports 53 to resolver 192.0.2.53")
+        ));
+        assert!(v6
+            .iter()
+            .any(|s| s.starts_with("-d 2001:db8::53/128 -p udp -m udp --dport 53 ")));
+        assert!(!v4
+            .iter()
+            .any(|s| s.starts_with("-p udp -m udp --dport 53 ")));
         // "any address" is written out, and is what it says
-        assert!(v4.iter().any(|s| s.starts_with("-p udp -m udp --dport 123 ")));
+        assert!(v4
+            .iter()
+            .any(|s| s.starts_with("-p udp -m udp --dport 123 ")));
         assert!(!v6.iter().any(|s| s.contains("--dport 123")));
         // no resolver of a family: nothing for it
         let r = render(&c, &["192.0.2.53".parse().unwrap()]);
-        assert!(!specs(&r.v6, "filter", FILTER_EGRESS).iter().any(|s| s.contains("--dport 53")));
+        assert!(!specs(&r.v6, "filter", FILTER_EGRESS)
+            .iter()
+            .any(|s| s.contains("--dport 53")));
         assert!(r.chosen[0].contains("192.0.2.53; allow_udp rules without cidrs reach these only"));
         let none = HostFacts::from_resolvers(&c, &[]);
         assert_eq!(warnings(&c, &none).len(), 1);
@@ -787,17 +810,27 @@ mod tests {
         let r = render_for(&c, &host);
         for rs in [&r.v4, &r.v6] {
             let nat = specs(rs, "nat", NAT_OUTPUT);
-            assert!(nat.iter().any(|s| s.starts_with("-p tcp -m owner --uid-owner 991 -m tcp --dport 53 ")
+            assert!(nat.iter().any(|s| s
+                .starts_with("-p tcp -m owner --uid-owner 991 -m tcp --dport 53 ")
                 && s.ends_with("-j RETURN")));
             let out = specs(rs, "filter", FILTER_OUTPUT);
-            assert!(out.iter().any(|s| s.starts_with("-p udp -m owner --uid-owner 991 -m udp --dport 53 ")));
+            assert!(out
+                .iter()
+                .any(|s| s.starts_with("-p udp -m owner --uid-owner 991 -m udp --dport 53 ")));
             // the workload's UDP 53 reaches no remote address
-            assert!(!specs(rs, "filter", FILTER_EGRESS).iter().any(|s| s.contains("--dport 53")));
+            assert!(!specs(rs, "filter", FILTER_EGRESS)
+                .iter()
+                .any(|s| s.contains("--dport 53")));
         }
         let text = r.dry_run_text();
-        assert!(text.starts_with("# resolvers (nameservers in r): none"), "{text}");
+        assert!(
+            text.starts_with("# resolvers (nameservers in r): none"),
+            "{text}"
+        );
         assert!(text.contains("\n# local resolver 127.0.0.53: UDP and TCP 53 pass for uid 991, the owner of its socket\n"), "{text}");
-        assert!(warnings(&c, &host).iter().all(|w| !w.contains("names no resolver")));
+        assert!(warnings(&c, &host)
+            .iter()
+            .all(|w| !w.contains("names no resolver")));
     }
 
     #[test]
