@@ -171,11 +171,9 @@ fn refuse_beside_istio(tools: &apply::Tools) -> Result<(), InitError> {
                 // a backend without kernel support holds nothing
                 Err(_) => continue,
             };
-            for t in apply::parse_save(&text) {
-                for c in t.chains {
-                    if c.starts_with("ISTIO_") && !found.contains(&c) {
-                        found.push(c);
-                    }
+            for c in istio_chains(&text) {
+                if !found.contains(&c) {
+                    found.push(c);
                 }
             }
         }
@@ -190,6 +188,17 @@ fn refuse_beside_istio(tools: &apply::Tools) -> Result<(), InitError> {
         chains.push_str(&format!(" and {more} more"));
     }
     Err(InitError::BesideIstio { chains })
+}
+
+/// The chains of an iptables-save text that Istio made (`ISTIO_*`, any
+/// table: sidecar mode uses nat, TPROXY interception and ambient mode also
+/// mangle).
+pub fn istio_chains(save: &str) -> Vec<String> {
+    apply::parse_save(save)
+        .into_iter()
+        .flat_map(|t| t.chains)
+        .filter(|c| c.starts_with("ISTIO_"))
+        .collect()
 }
 
 /// `--cleanup`: every chain and jump portcullis owns goes, whatever the
@@ -330,5 +339,24 @@ mod tests {
             .map(|i| i.to_string())
             .collect();
         assert_eq!(got, vec!["192.0.2.53", "fe80::1", "198.51.100.9"]);
+    }
+
+    #[test]
+    fn istio_chains_are_found_in_any_table() {
+        // abridged from what istio-iptables leaves in a meshed pod
+        let save = "*mangle\n:PREROUTING ACCEPT [0:0]\n:ISTIO_DIVERT - [0:0]\nCOMMIT\n*nat\n:OUTPUT ACCEPT [0:0]\n:ISTIO_INBOUND - [0:0]\n:ISTIO_OUTPUT - [0:0]\n:ISTIO_REDIRECT - [0:0]\n:PORTCULLIS_OUTPUT - [0:0]\n-A OUTPUT -p tcp -j ISTIO_OUTPUT\n-A ISTIO_OUTPUT -j ISTIO_REDIRECT\nCOMMIT\n";
+        assert_eq!(
+            istio_chains(save),
+            [
+                "ISTIO_DIVERT",
+                "ISTIO_INBOUND",
+                "ISTIO_OUTPUT",
+                "ISTIO_REDIRECT"
+            ]
+        );
+        assert!(
+            istio_chains("*nat\n:OUTPUT ACCEPT [0:0]\n-A OUTPUT -j ISTIO_GONE\nCOMMIT\n")
+                .is_empty()
+        );
     }
 }
