@@ -172,7 +172,28 @@ pub struct Redirect {
     pub exclude_ports: Vec<u16>,
     pub capture_interfaces: Vec<String>,
     pub allow_udp: Vec<UdpAllow>,
+    /// The host's DHCP clients: only their DHCP requests pass the filter.
+    pub dhcp_client_uids: Vec<UserRef>,
     pub ipv6: bool,
+}
+
+/// A user as `[redirect] dhcp_client_uids` names it: a number, or a name that
+/// `init` looks up in the target host's /etc/passwd (read as a file: no NSS,
+/// so the static binary resolves it the same way).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(untagged)]
+pub enum UserRef {
+    Id(u32),
+    Name(String),
+}
+
+impl fmt::Display for UserRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            UserRef::Id(n) => write!(f, "{n}"),
+            UserRef::Name(s) => write!(f, "{s}"),
+        }
+    }
 }
 
 /// A validated configuration.
@@ -295,7 +316,15 @@ struct RawRedirect {
     exclude_ports: Option<Spanned<Vec<i64>>>,
     capture_interfaces: Option<Spanned<Vec<String>>>,
     allow_udp: Option<Spanned<Vec<RawUdp>>>,
+    dhcp_client_uids: Option<Spanned<Vec<RawUser>>>,
     ipv6: Option<bool>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RawUser {
+    Num(i64),
+    Name(String),
 }
 
 #[derive(Deserialize)]
@@ -943,6 +972,45 @@ fn validate_redirect(ctx: &Ctx, raw: Option<&RawRedirect>) -> Result<Redirect, C
             out
         }
     };
+    let mut dhcp_client_uids = Vec::new();
+    if let Some(v) = &raw.dhcp_client_uids {
+        for u in v.get_ref() {
+            let user = match u {
+                RawUser::Num(n) => UserRef::Id(u32::try_from(*n).map_err(|_| {
+                    ctx.err(
+                        v.span().start,
+                        c,
+                        "dhcp_client_uids",
+                        format!("{n} is not a uid"),
+                    )
+                })?),
+                RawUser::Name(s) => {
+                    // useradd's rule (NAME_REGEX of Debian, plus the dots and
+                    // a trailing $ that Samba's machine accounts use)
+                    let ok = !s.is_empty()
+                        && s.len() <= 32
+                        && s.bytes().enumerate().all(|(i, b)| {
+                            b.is_ascii_lowercase()
+                                || b == b'_'
+                                || (i > 0 && (b.is_ascii_digit() || b"-.".contains(&b)))
+                                || (i > 0 && i == s.len() - 1 && b == b'$')
+                        });
+                    if !ok {
+                        return Err(ctx.err(
+                            v.span().start,
+                            c,
+                            "dhcp_client_uids",
+                            format!("`{s}` is not a user name (write a uid or a name such as \"systemd-network\")"),
+                        ));
+                    }
+                    UserRef::Name(s.clone())
+                }
+            };
+            if !dhcp_client_uids.contains(&user) {
+                dhcp_client_uids.push(user);
+            }
+        }
+    }
     Ok(Redirect {
         proxy_port,
         proxy_uid,
@@ -953,6 +1021,7 @@ fn validate_redirect(ctx: &Ctx, raw: Option<&RawRedirect>) -> Result<Redirect, C
         exclude_ports,
         capture_interfaces,
         allow_udp,
+        dhcp_client_uids,
         ipv6: raw.ipv6.unwrap_or(true),
     })
 }
@@ -1307,5 +1376,46 @@ mod tests {
         assert!(check_self_exclusion(&c.redirect, 0, 0, true).is_ok());
         let e = check_self_exclusion(&c.redirect, 1000, 1000, false).unwrap_err();
         assert!(e.contains("uid 1337 and gid 1337"), "{e}");
+    }
+
+    #[test]
+    fn dhcp_client_uids() {
+        let c = Config::parse(Path::new("t.toml"), "").unwrap();
+        assert!(
+            c.redirect.dhcp_client_uids.is_empty(),
+            "pods run no DHCP client"
+        );
+        let c = Config::parse(
+            Path::new("t.toml"),
+            "[redirect]\ndhcp_client_uids = [0, \"systemd-network\", 0, \"_dhcp\"]\n",
+        )
+        .unwrap();
+        assert_eq!(
+            c.redirect.dhcp_client_uids,
+            [
+                UserRef::Id(0),
+                UserRef::Name("systemd-network".into()),
+                UserRef::Name("_dhcp".into())
+            ]
+        );
+        for bad in [
+            "-1",
+            "\"Root\"",
+            "\"a b\"",
+            "\"\"",
+            "\"1abc\"",
+            "4294967296",
+        ] {
+            let e = Config::parse(
+                Path::new("t.toml"),
+                &format!("[redirect]\ndhcp_client_uids = [{bad}]\n"),
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(
+                e.contains("t.toml:2") && e.contains("dhcp_client_uids"),
+                "{bad}: {e}"
+            );
+        }
     }
 }
