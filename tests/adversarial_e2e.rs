@@ -997,6 +997,24 @@ fn http_host_shapes() {
         );
     }
 
+    // An IP literal as Host is no name: it matches no host (here, the address of an allowed
+    // name), and /denied lists the flow by address.
+    for host in ["192.0.2.10", "192.0.2.10:80", "[2001:db8::10]"] {
+        let req = format!("GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+        let text = http_exchange(&px, addr::API_V4, req.as_bytes());
+        assert!(text.starts_with("HTTP/1.1 403 Forbidden"), "{host}: {text}");
+        n += 1;
+        let l = px.nth(n);
+        assert_eq!(
+            (l["decision"].as_str(), l["reason"].as_str()),
+            (Some("deny"), Some("not_in_registry")),
+            "{host}: {l}"
+        );
+        assert!(l["name"].is_null(), "{host}: {l}");
+    }
+    let denied = px.admin("/denied");
+    assert!(!denied.contains("\"name\": \"192.0.2.10\""), "{denied}");
+
     // Origin-form targets with empty segments stay legal (RFC 9112 §3.2.1: an absolute path
     // may hold empty segments; naive URL joins produce them). They cannot move the
     // connection: the upstream is chosen from Host alone, so even a target that reads like a

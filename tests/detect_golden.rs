@@ -343,3 +343,23 @@ fn a_name_of_another_type_beside_host_name_is_malformed_in_every_capture_and_sli
         }
     }
 }
+
+/// SECURITY.md, "Only the first ClientHello is inspected": a second ClientHello behind the
+/// first (as after a TLS 1.3 HelloRetryRequest) naming another host changes nothing; the
+/// detector has answered with the first hello's name and the rest is relayed unread.
+#[test]
+fn a_second_client_hello_is_not_read() {
+    let first = GOLDENS
+        .iter()
+        .find(|g| g.file == "openssl-s_client.bin")
+        .expect("listed");
+    let second = GOLDENS
+        .iter()
+        .find(|g| g.file == "chromium-mlkem.bin")
+        .expect("listed");
+    let mut bytes = load(first);
+    bytes.extend_from_slice(&load(second));
+    assert_eq!(Detector::new().push(&bytes), expected(first));
+    let (step, _) = feed(bytes.chunks(7), bytes.len());
+    assert_eq!(step, expected(first));
+}

@@ -1438,6 +1438,12 @@ fn sigterm_drains_serving_old_and_new_flows_then_exits_zero() {
         .unwrap_or_else(|| panic!("no line of the long flow: {log:?}"));
     assert!(l["error"].is_null() && l["entry"] == "backend", "{l}");
     assert!(ops.proxy.stderr().contains("drained: exiting"));
+    // The proxy is gone: redirected TCP is refused, the pod fails closed (SECURITY.md).
+    let e = ops
+        .world
+        .pod_connect(sa(addr::OTHER_V4, port::ECHO))
+        .expect_err("a flow got through without the proxy");
+    assert_eq!(e.kind(), io::ErrorKind::ConnectionRefused, "{e}");
 }
 
 #[test]
@@ -1556,9 +1562,9 @@ fn auto_max_connections_from_the_raised_fd_limit() {
     let m = ops.metrics();
     assert_eq!(m.value("process_max_fds", &[]), 20000.0);
     let err = ops.proxy.stderr();
-    // (20000 - 64 reserved - 2 x 256 pipes) / 2 fds a flow
+    // (20000 - 64 reserved - 2 x 256 pipes - 100 for health and admin) / 2 fds a flow
     assert!(
-        err.contains("limits max_connections=9712 nofile=20000"),
+        err.contains("limits max_connections=9662 nofile=20000 endpoint_fds=100"),
         "{err}"
     );
 }
@@ -1669,7 +1675,8 @@ fn flood_open(p: &Proc) -> Option<usize> {
 /// proxy at 2,048 fds starved every egress flow. Here the proxy runs at 1,024 fds with
 /// `max_connections = "auto"`; one host of the LAN opens 1,100 connections to health and holds
 /// them. Health keeps at most 8 of them (its cap per peer) and resets the rest, counted and
-/// logged; egress flows and kubelet-like probes from another address keep getting answers;
+/// logged; egress flows (up to max_connections exactly, the rest reset as overload) and
+/// kubelet-like probes from another address keep getting answers, and no accept fails;
 /// the flood's connections are closed once the header timeout passes; a local client that
 /// pipelines requests and never reads the answers is closed by the idle timeout.
 #[test]
@@ -1746,21 +1753,67 @@ fn a_flood_on_health_from_one_host_costs_no_egress_flow_and_no_probe() {
             s
         })
         .collect();
+    // The egress flows fill max_connections ("auto": 1,024 fds less 64, the pipe pool's 512
+    // and the endpoints' 100, halved) and 100 more are reset as overload, exactly.
+    let max: usize = ops
+        .proxy
+        .stderr()
+        .split("max_connections=")
+        .nth(1)
+        .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok())
+        .expect("the limits line");
+    assert_eq!(max, (1024 - 64 - 512 - 100) / 2);
+    let hogs: Vec<io::Result<TcpStream>> = (0..max - flows.len() + 100)
+        .map(|_| ops.world.pod_connect(sa(addr::OTHER_V4, port::ECHO)))
+        .collect();
+    ops.metrics_until("max_connections reached, 100 flows past it reset", |m| {
+        m.get("portcullis_active_connections", &[]) == Some(max as f64)
+            && m.get(
+                "portcullis_connections_total",
+                &[
+                    ("decision", "deny"),
+                    ("protocol", "tcp"),
+                    ("entry", "BlackHole"),
+                    ("reason", "overload"),
+                ],
+            ) == Some(100.0)
+    });
     // ... and so do probes from another address, the node's.
     for _ in 0..10 {
         let (code, body) = probe_from_node().unwrap();
         assert_eq!((code, body.as_str()), (200, "ready\n"));
     }
+    // A request head past 16 KiB is refused, never served.
+    let mut big = connect_in(
+        &ops.world.inet,
+        "192.0.2.2:15021".parse().unwrap(),
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    let pad = "a".repeat(20_000);
+    let _ = write!(big, "GET /ready HTTP/1.1\r\nHost: x\r\nX-Pad: {pad}\r\n\r\n");
+    let (raw, _) = read_to_end_timeout(&mut big, Duration::from_secs(10));
+    let answer = String::from_utf8_lossy(&raw);
+    assert!(
+        answer.is_empty() || answer.starts_with("HTTP/1.1 431 "),
+        "{answer}"
+    );
     let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count();
     assert!(fds < 1024, "{fds} fds open");
+    drop(hogs);
     drop(flows);
-    let log = ops.log(40);
-    assert!(
+    // One line per flow: the 100 overloads, and every flow that had a slot once it ended.
+    let log = ops.log(100 + max);
+    assert_eq!(
         log.iter()
             .filter(|l| l["decision"] == "allow" && l["bytes_up"] == 1000)
-            .count()
-            == 40,
+            .count(),
+        40,
         "{log:?}"
+    );
+    assert_eq!(
+        log.iter().filter(|l| l["reason"] == "overload").count(),
+        100
     );
     let err = ops.proxy.stderr();
     assert!(!err.contains("accept failed"), "{err}");

@@ -177,13 +177,12 @@ pub const PIPE_SIZE: usize = 256 * 1024;
 impl Shared {
     pub fn new(config: Arc<Config>) -> io::Result<Arc<Shared>> {
         let nofile = crate::sys::raise_nofile();
+        let endpoint_fds = crate::endpoint::reserved_fds(&config.proxy);
         let max_connections = match config.proxy.max_connections {
             MaxConnections::Fixed(n) => n,
-            MaxConnections::Auto => crate::sys::auto_max_connections(
-                nofile,
-                MAX_PIPES,
-                crate::endpoint::reserved_fds(&config.proxy),
-            ),
+            MaxConnections::Auto => {
+                crate::sys::auto_max_connections(nofile, MAX_PIPES, endpoint_fds)
+            }
         }
         .min(tokio::sync::Semaphore::MAX_PERMITS);
         let metrics = Metrics::new();
@@ -216,7 +215,7 @@ impl Shared {
             reload_status: Mutex::new(ReloadStatus::default()),
             revocation: tokio::sync::watch::Sender::new(Revocation::default()),
         });
-        tracing::info!(max_connections, nofile, "limits");
+        tracing::info!(max_connections, nofile, endpoint_fds, "limits");
         Ok(shared)
     }
 }
