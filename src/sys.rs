@@ -51,7 +51,10 @@ mod tests {
     #[test]
     fn auto_budget_reserves_the_endpoints() {
         // 20,000 fds, 256 pipes, health and admin on (66 + 34)
-        assert_eq!(auto_max_connections(20_000, 256, 100), (20_000 - 64 - 512 - 100) / 2);
+        assert_eq!(
+            auto_max_connections(20_000, 256, 100),
+            (20_000 - 64 - 512 - 100) / 2
+        );
         // The whole budget: flows at two sockets each, the pipe pool, the
         // reserve and the endpoints never exceed the limit.
         for nofile in [1024u64, 2048, 4096, 65_536] {

@@ -1037,7 +1037,11 @@ fn http_host_shapes() {
                 l["name"].as_str(),
                 l["upstream"].as_str()
             ),
-            (Some("allow"), Some("api.example.com"), Some("192.0.2.10:80")),
+            (
+                Some("allow"),
+                Some("api.example.com"),
+                Some("192.0.2.10:80")
+            ),
             "{l}"
         );
     }

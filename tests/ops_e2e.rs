@@ -1549,6 +1549,55 @@ impl Ops {
     }
 }
 
+/// `max_connections` is one limit for every listener, exact: clients racing on the IPv4 and the
+/// IPv6 listener at once get exactly `max_connections` flows between them, and every other
+/// connection is an `overload` (each flow holds a semaphore permit; no check-then-increment).
+#[test]
+fn max_connections_is_exact_across_the_ipv4_and_ipv6_listeners() {
+    const MAX: usize = 30;
+    const EACH: usize = 40;
+    // Connections that send nothing stay in detection (first_byte_timeout) holding their slot.
+    let mut ops = Ops::start(&config(
+        "",
+        &format!("max_connections = {MAX}\nfirst_byte_timeout = \"30s\"\nhello_timeout = \"30s\""),
+        BACKEND,
+    ));
+    let w = &ops.world;
+    let barrier = std::sync::Barrier::new(2);
+    let held: Vec<Vec<io::Result<TcpStream>>> = std::thread::scope(|s| {
+        let hs: Vec<_> = [addr::OTHER_V4, addr::API_V6]
+            .into_iter()
+            .map(|ip| {
+                let barrier = &barrier;
+                s.spawn(move || {
+                    barrier.wait();
+                    (0..EACH)
+                        .map(|_| w.pod_connect(sa(ip, port::ECHO)))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    ops.metrics_until("every connection taken or refused", |m| {
+        m.get(
+            "portcullis_connections_total",
+            &[
+                ("decision", "deny"),
+                ("protocol", "tcp"),
+                ("entry", "BlackHole"),
+                ("reason", "overload"),
+            ],
+        ) == Some((2 * EACH - MAX) as f64)
+    });
+    // Still exactly MAX once every overload is counted.
+    let m = ops.metrics();
+    assert_eq!(m.value("portcullis_active_connections", &[]), MAX as f64);
+    let log = ops.log(2 * EACH - MAX);
+    assert!(log.iter().all(|l| l["reason"] == "overload"), "{log:?}");
+    drop(held);
+}
+
 #[test]
 fn auto_max_connections_from_the_raised_fd_limit() {
     // Started with a soft limit of 1024 under the machine's hard 20,000: the
@@ -1718,10 +1767,7 @@ fn a_flood_on_health_from_one_host_costs_no_egress_flow_and_no_probe() {
             >= (FLOOD - 8) as f64
     });
     assert_eq!(
-        m.value(
-            "portcullis_endpoint_connections",
-            &[("listener", "health")]
-        ),
+        m.value("portcullis_endpoint_connections", &[("listener", "health")]),
         8.0,
         "health holds its cap for the flooding host"
     );
@@ -1733,7 +1779,8 @@ fn a_flood_on_health_from_one_host_costs_no_egress_flow_and_no_probe() {
         Duration::from_secs(5),
     )
     .unwrap();
-    slow.set_write_timeout(Some(Duration::from_secs(3))).unwrap();
+    slow.set_write_timeout(Some(Duration::from_secs(3)))
+        .unwrap();
     // (far more answer bytes than the socket buffers hold; the write itself may stall)
     let _ = slow.write_all(
         "GET /metrics HTTP/1.1\r\nHost: 127.0.0.1:15000\r\n\r\n"
@@ -1791,14 +1838,19 @@ fn a_flood_on_health_from_one_host_costs_no_egress_flow_and_no_probe() {
     )
     .unwrap();
     let pad = "a".repeat(20_000);
-    let _ = write!(big, "GET /ready HTTP/1.1\r\nHost: x\r\nX-Pad: {pad}\r\n\r\n");
+    let _ = write!(
+        big,
+        "GET /ready HTTP/1.1\r\nHost: x\r\nX-Pad: {pad}\r\n\r\n"
+    );
     let (raw, _) = read_to_end_timeout(&mut big, Duration::from_secs(10));
     let answer = String::from_utf8_lossy(&raw);
     assert!(
         answer.is_empty() || answer.starts_with("HTTP/1.1 431 "),
         "{answer}"
     );
-    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count();
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count();
     assert!(fds < 1024, "{fds} fds open");
     drop(hogs);
     drop(flows);
@@ -1833,16 +1885,15 @@ fn a_flood_on_health_from_one_host_costs_no_egress_flow_and_no_probe() {
             "portcullis_endpoint_closed_total",
             &[("listener", "health"), ("reason", "header_timeout")],
         ) == Some(8.0)
-            && m.get(
-                "portcullis_endpoint_connections",
-                &[("listener", "health")],
-            ) == Some(0.0)
+            && m.get("portcullis_endpoint_connections", &[("listener", "health")]) == Some(0.0)
     });
     assert_eq!(m.value("portcullis_accept_errors_total", &[]), 0.0);
 
     // The reader that never reads: nothing moves on its connection once the socket buffers
     // are full, and the idle timeout (15 s) closes it.
-    std::thread::sleep((slow_since + Duration::from_secs(16)).saturating_duration_since(Instant::now()));
+    std::thread::sleep(
+        (slow_since + Duration::from_secs(16)).saturating_duration_since(Instant::now()),
+    );
     ops.metrics_until("the stalled reader closed by the idle timeout", |m| {
         m.get(
             "portcullis_endpoint_closed_total",

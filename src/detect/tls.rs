@@ -456,7 +456,10 @@ mod tests {
             ),
             (
                 "other name type, empty, beside host_name",
-                vec![(EXT_SERVER_NAME, sni_entries(&[(0, b"x.example"), (255, b"")]))],
+                vec![(
+                    EXT_SERVER_NAME,
+                    sni_entries(&[(0, b"x.example"), (255, b"")]),
+                )],
                 malformed(Malformed::OtherNameType),
             ),
             (

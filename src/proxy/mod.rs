@@ -287,7 +287,10 @@ static NEXT_FLOW_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64
 
 /// Holds the flow's slot and decrements the active-flow count however the
 /// flow task ends.
-struct ActiveGuard(Arc<Shared>, #[allow(dead_code)] tokio::sync::OwnedSemaphorePermit);
+struct ActiveGuard(
+    Arc<Shared>,
+    #[allow(dead_code)] tokio::sync::OwnedSemaphorePermit,
+);
 
 impl Drop for ActiveGuard {
     fn drop(&mut self) {
