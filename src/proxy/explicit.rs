@@ -931,6 +931,116 @@ async fn write_and_relay(
     }
 }
 
+/// `explain --connect HOST:PORT [--sni NAME | --host NAME]` or
+/// `explain --url http://...`: the decision the explicit proxy would take.
+/// Like `explain`, it never resolves; it says what would be resolved.
+pub fn explain(
+    cfg: Arc<crate::config::Config>,
+    connect: Option<&str>,
+    url: Option<&str>,
+    sni: Option<&str>,
+    host: Option<&str>,
+) -> Result<String, String> {
+    use std::fmt::Write as _;
+    let reg = Registry::new(cfg.clone());
+    let mut out = String::new();
+    let (target, port, protocol, inner, request) = match (connect, url) {
+        (Some(c), _) => {
+            let (t, port) = parse_authority(c)
+                .ok_or_else(|| format!("--connect {c:?}: expected HOST:PORT"))?;
+            let kind = match_entry(&reg, &t, port, None).ok().map(|(_, p)| p);
+            let (protocol, inner) = match (sni, host, kind) {
+                (Some(s), _, _) => (FlowProtocol::Tls, Some(s.to_string())),
+                (_, Some(h), _) => (FlowProtocol::Http, Some(h.to_string())),
+                // Without --sni/--host: a client presenting the CONNECT name.
+                (_, _, Some(PortProtocol::Tls)) => (FlowProtocol::Tls, t.name().map(str::to_string)),
+                (_, _, Some(PortProtocol::Http)) => (FlowProtocol::Http, t.name().map(str::to_string)),
+                _ => (FlowProtocol::Tcp, None),
+            };
+            let detect = matches!(kind, Some(PortProtocol::Tls | PortProtocol::Http));
+            (t, port, protocol, inner, if detect { "connect-detect" } else { "connect-tcp" })
+        }
+        (None, Some(u)) => {
+            let uri: hyper::Uri = u.parse().map_err(|e| format!("--url {u:?}: {e}"))?;
+            let (t, port) = http::absolute_target(&hyper::Method::GET, &uri)
+                .map_err(|e| format!("--url {u:?}: {e} (the proxy answers 400)"))?;
+            (t, port, FlowProtocol::Http, host.map(str::to_string), "absolute-form")
+        }
+        (None, None) => return Err("explain needs --dst, --connect or --url".into()),
+    };
+    let _ = writeln!(
+        out,
+        "request: {} {} (explicit proxy)",
+        if request == "absolute-form" { "GET http://" } else { "CONNECT" },
+        target.authority(port)
+    );
+    match request {
+        "connect-detect" => {
+            let _ = writeln!(out, "port {port}: an entry's {} port: the proxy answers 200, reads the tunnel's first bytes with its detector, and decides; the SNI must be absent or {0}, the Host must be {0} (else sni_mismatch / host_mismatch)", target.authority(port));
+        }
+        "connect-tcp" => {
+            let _ = writeln!(out, "port {port}: no TLS/HTTP entry for this name: decided on the name before answering (403 when denied; else connect, then 200, or 502/504)");
+        }
+        _ => {}
+    }
+    let presented = inner.as_deref().map(Target::parse);
+    let mismatch = match (&presented, protocol) {
+        (Some(None), _) => Some(Reason::Malformed),
+        (Some(Some(p)), FlowProtocol::Tls) if *p != target => Some(Reason::SniMismatch),
+        (Some(Some(p)), FlowProtocol::Http) if *p != target => Some(Reason::HostMismatch),
+        _ => None,
+    };
+    let entry = match mismatch {
+        Some(r) => Err(r),
+        None => match_entry(&reg, &target, port, Some(protocol)).map(|(i, _)| i),
+    };
+    let v = verdict(&reg, entry, port);
+    if let Some(i) = &inner {
+        let _ = writeln!(out, "presented inside: {} {i:?}", protocol.as_str());
+    }
+    let _ = writeln!(out, "decision: {}", v.decision.as_str());
+    let _ = writeln!(
+        out,
+        "reason: {}",
+        v.reason.map(|r| r.as_str()).unwrap_or("matched")
+    );
+    match v.entry {
+        Some(i) => {
+            let e = reg.entry(i);
+            let _ = writeln!(out, "entry: {} ({}:{})", e.name, cfg.path.display(), e.line);
+        }
+        None => {
+            let _ = writeln!(out, "entry: none ({})", reg.entry_label(&v));
+        }
+    }
+    if v.decision == Decision::Deny {
+        let _ = writeln!(out, "upstream: none (denied: no upstream connection is opened)");
+    } else {
+        let e = v.entry.map(|i| reg.entry(i));
+        match (e, &target) {
+            (Some(e), _) if e.resolution == Resolution::Static => {
+                let l: Vec<String> = e
+                    .endpoints
+                    .iter()
+                    .map(|ep| SocketAddr::new(ep.address, ep.port.unwrap_or(port)).to_string())
+                    .collect();
+                let _ = writeln!(out, "upstream: {} (STATIC endpoints, in turn)", l.join(", "));
+            }
+            (_, Target::Ip(ip)) => {
+                let _ = writeln!(out, "upstream: {}", SocketAddr::new(*ip, port));
+            }
+            (_, Target::Name(n)) => {
+                let _ = writeln!(out, "upstream: would resolve {n} (A and AAAA; explain never resolves) and connect to the answers on port {port} in turn{}", match e {
+                    Some(e) if !e.addresses.is_empty() => " that are in the entry's addresses",
+                    _ => "",
+                });
+            }
+        }
+        let _ = writeln!(out, "note: whatever the policy, the explicit path never connects to loopback, link-local (169.254.0.0/16, fe80::/10), unspecified, multicast or the proxy's own addresses unless the matched entry's addresses list them (reason forbidden_address)");
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1070,6 +1180,27 @@ ports = [{ number = 80, protocol = "HTTP" }, { number = 7000, protocol = "TCP" }
         assert!(client_allowed(&c, any, "198.18.0.2:5000".parse().unwrap()));
         assert!(client_allowed(&c, any, "[::ffff:198.18.0.2]:5000".parse().unwrap()));
         assert!(!client_allowed(&c, any, "198.18.1.2:5000".parse().unwrap()));
+    }
+
+    #[test]
+    fn explain_explicit_requests() {
+        let cfg = Arc::new(Config::parse(Path::new("t.toml"), ENTRIES).expect("valid"));
+        let x = |c: Option<&str>, u: Option<&str>, sni: Option<&str>| {
+            explain(cfg.clone(), c, u, sni, None).expect("explained")
+        };
+        let t = x(Some("api.example.com:443"), None, None);
+        assert!(t.contains("decision: allow") && t.contains("entry: api"), "{t}");
+        assert!(t.contains("answers 200"), "{t}");
+        let t = x(Some("api.example.com:443"), None, Some("www.example.org"));
+        assert!(t.contains("reason: sni_mismatch"), "{t}");
+        let t = x(Some("www.example.org:443"), None, None);
+        assert!(t.contains("decision: deny") && t.contains("not_in_registry"), "{t}");
+        let t = x(Some("db.example.com:5432"), None, None);
+        assert!(t.contains("decision: allow") && t.contains("before answering"), "{t}");
+        let t = x(None, Some("http://api.example.com/x"), None);
+        assert!(t.contains("decision: allow"), "{t}");
+        assert!(explain(cfg.clone(), None, Some("https://api.example.com/"), None, None).is_err());
+        assert!(explain(cfg, Some("nope"), None, None, None).is_err());
     }
 
     #[tokio::test]
