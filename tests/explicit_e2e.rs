@@ -636,3 +636,94 @@ fn check_requires_explicit_clients_for_a_non_loopback_listener() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// deploy/kubernetes/explicit: a config `check` accepts (explicit only, with
+/// explicit_clients), a Deployment without init containers that fits
+/// PodSecurity "restricted", a Service on the proxy port, and NetworkPolicies
+/// confining the app to the proxy and DNS.
+#[test]
+fn kubernetes_explicit_example() {
+    use serde_norway::Value as Y;
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/kubernetes/explicit");
+    let mut docs: Vec<Y> = Vec::new();
+    for f in ["egress-proxy.yaml", "app.yaml"] {
+        let text = std::fs::read_to_string(dir.join(f)).unwrap();
+        for d in serde_norway::Deserializer::from_str(&text) {
+            let v: Y = serde::Deserialize::deserialize(d).unwrap_or_else(|e| panic!("{f}: {e}"));
+            if !v.is_null() {
+                docs.push(v);
+            }
+        }
+    }
+    let kind = |k: &str| -> Vec<&Y> { docs.iter().filter(|d| d["kind"].as_str() == Some(k)).collect() };
+    assert_eq!(
+        kind("Namespace")[0]["metadata"]["labels"]["pod-security.kubernetes.io/enforce"].as_str(),
+        Some("restricted")
+    );
+
+    // The config: explicit only, valid, clients required and given.
+    let cm = kind("ConfigMap")[0];
+    let text = cm["data"]["config.toml"].as_str().unwrap();
+    let cfg = portcullis::config::Config::parse(std::path::Path::new("configmap"), text)
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(cfg.proxy.listen.is_empty());
+    assert!(!cfg.proxy.explicit_listen.is_empty());
+    assert!(!cfg.proxy.explicit_clients.is_empty());
+    let proxy_port = cfg.proxy.explicit_listen[0].port();
+
+    // The Deployment: no init container; restricted: non-root, no
+    // escalation, every capability dropped, RuntimeDefault seccomp.
+    let deps = kind("Deployment");
+    let proxy = deps
+        .iter()
+        .find(|d| d["metadata"]["name"].as_str() == Some("egress-proxy"))
+        .unwrap();
+    let pod = &proxy["spec"]["template"]["spec"];
+    assert!(pod.get("initContainers").is_none(), "no init container");
+    for d in &deps {
+        let pod = &d["spec"]["template"]["spec"];
+        assert_eq!(pod["securityContext"]["runAsNonRoot"].as_bool(), Some(true));
+        assert_eq!(
+            pod["securityContext"]["seccompProfile"]["type"].as_str(),
+            Some("RuntimeDefault")
+        );
+        for c in pod["containers"].as_sequence().unwrap() {
+            let sc = &c["securityContext"];
+            assert_eq!(sc["allowPrivilegeEscalation"].as_bool(), Some(false));
+            assert_eq!(sc["capabilities"]["drop"][0].as_str(), Some("ALL"));
+            assert!(sc["capabilities"].get("add").is_none());
+        }
+    }
+    let ports: Vec<i64> = pod["containers"][0]["ports"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .filter_map(|p| p["containerPort"].as_i64())
+        .collect();
+    assert!(ports.contains(&i64::from(proxy_port)), "{ports:?}");
+    let svc = kind("Service")[0];
+    assert_eq!(svc["spec"]["ports"][0]["port"].as_i64(), Some(i64::from(proxy_port)));
+
+    // The app's policy: egress to the proxy's port and DNS only.
+    let app_np = kind("NetworkPolicy")
+        .into_iter()
+        .find(|n| n["metadata"]["name"].as_str() == Some("egress-via-proxy"))
+        .unwrap();
+    let egress = app_np["spec"]["egress"].as_sequence().unwrap();
+    let allowed: Vec<i64> = egress
+        .iter()
+        .flat_map(|r| r["ports"].as_sequence().unwrap().iter())
+        .filter_map(|p| p["port"].as_i64())
+        .collect();
+    assert_eq!(allowed, [i64::from(proxy_port), 53, 53]);
+    assert!(egress.iter().all(|r| r["to"].as_sequence().is_some_and(|t| !t.is_empty())));
+    let app = deps
+        .iter()
+        .find(|d| d["metadata"]["name"].as_str() == Some("example-app"))
+        .unwrap();
+    let env = app["spec"]["template"]["spec"]["containers"][0]["env"]
+        .as_sequence()
+        .unwrap();
+    assert!(env.iter().any(|e| e["name"].as_str() == Some("HTTPS_PROXY")
+        && e["value"].as_str().unwrap().ends_with(&format!(":{proxy_port}"))));
+}
