@@ -443,7 +443,8 @@ impl Config {
 
         let proxy = validate_proxy(&ctx, raw.proxy.as_ref().map(|p| p.get_ref()))?;
         let redirect = validate_redirect(&ctx, raw.redirect.as_ref().map(|r| r.get_ref()))?;
-        if !proxy.listen.is_empty() && !proxy.listen.iter().any(|a| a.port() == redirect.proxy_port) {
+        if !proxy.listen.is_empty() && !proxy.listen.iter().any(|a| a.port() == redirect.proxy_port)
+        {
             warnings.push(format!(
                 "no [proxy] listen address uses [redirect] proxy_port {}: redirected flows will not reach the proxy",
                 redirect.proxy_port
@@ -672,7 +673,10 @@ fn validate_proxy(ctx: &Ctx, raw: Option<&RawProxy>) -> Result<ProxySettings, Co
 
 /// `explicit_listen` and `explicit_clients` (docs/DESIGN.md §2): a listener
 /// that is not loopback needs `explicit_clients`, so it is never an open proxy.
-fn validate_explicit(ctx: &Ctx, raw: &RawProxy) -> Result<(Vec<SocketAddr>, Vec<Cidr>), ConfigError> {
+fn validate_explicit(
+    ctx: &Ctx,
+    raw: &RawProxy,
+) -> Result<(Vec<SocketAddr>, Vec<Cidr>), ConfigError> {
     let mut listen = Vec::new();
     if let Some(l) = &raw.explicit_listen {
         for s in l.get_ref() {

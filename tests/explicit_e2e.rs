@@ -143,7 +143,11 @@ impl Px {
     /// Sends a CONNECT and returns the stream and the status line + headers.
     fn connect(&self, authority: &str) -> (TcpStream, String) {
         let mut s = self.raw();
-        write!(s, "CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n").unwrap();
+        write!(
+            s,
+            "CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n"
+        )
+        .unwrap();
         let head = read_head(&mut s);
         (s, head)
     }
@@ -201,7 +205,10 @@ fn explicit_proxy_without_redirect_rules() {
 
     // --- CONNECT, allowed, curl -x: the tunnel reaches the real upstream.
     let out = px.curl(&["-x", proxy, "https://api.example.com/"]);
-    assert!(out.ok().starts_with("tls ok sni=api.example.com"), "{out:?}");
+    assert!(
+        out.ok().starts_with("tls ok sni=api.example.com"),
+        "{out:?}"
+    );
     let l = px.wait_log("CONNECT api", |v| {
         authority_is(v, "api.example.com:443") && v["decision"] == "allow"
     });
@@ -241,9 +248,7 @@ fn explicit_proxy_without_redirect_rules() {
     let mut body = String::new();
     let _ = s.read_to_string(&mut body);
     assert!(body.contains("not_in_registry"), "{body}");
-    let l = px.wait_log("denied CONNECT", |v| {
-        authority_is(v, "www.example.org:443")
-    });
+    let l = px.wait_log("denied CONNECT", |v| authority_is(v, "www.example.org:443"));
     assert_eq!(l["decision"], "deny");
     assert_eq!(l["reason"], "not_in_registry");
     assert_eq!(l["upstream"], Value::Null);
@@ -345,10 +350,7 @@ fn explicit_proxy_without_redirect_rules() {
     assert!(head.starts_with("HTTP/1.1 403"), "{head}");
 
     // --- Names that resolve to loopback or cloud metadata: never dialled.
-    for (name, port) in [
-        ("loop.example.com", 7000),
-        ("metadata.example.com", 7000),
-    ] {
+    for (name, port) in [("loop.example.com", 7000), ("metadata.example.com", 7000)] {
         let a = format!("{name}:{port}");
         let (_s, head) = px.connect(&a);
         assert!(head.starts_with("HTTP/1.1 403"), "{a}: {head}");
@@ -385,7 +387,10 @@ fn explicit_proxy_without_redirect_rules() {
 
     // --- Absolute-form, allowed and denied, curl -x.
     let out = px.curl(&["-x", proxy, "http://api.example.com/"]);
-    assert!(out.ok().starts_with("http ok host=api.example.com"), "{out:?}");
+    assert!(
+        out.ok().starts_with("http ok host=api.example.com"),
+        "{out:?}"
+    );
     let l = px.wait_log("absolute-form", |v| {
         authority_is(v, "api.example.com:80") && v["decision"] == "allow"
     });
@@ -418,7 +423,12 @@ fn explicit_proxy_without_redirect_rules() {
     assert!(body.contains("path: /path?q=1"), "{body}");
     assert!(body.contains("x-kept: 1"), "{body}");
     assert!(body.contains("host: api.example.com:8081"), "{body}");
-    for gone in ["proxy-authorization", "proxy-connection", "x-hop", "connection: keep"] {
+    for gone in [
+        "proxy-authorization",
+        "proxy-connection",
+        "x-hop",
+        "connection: keep",
+    ] {
         assert!(!body.contains(gone), "{gone} forwarded: {body}");
     }
     drop(header_echo);
@@ -520,7 +530,10 @@ except urllib.error.URLError as e:
         assert!(got.is_empty(), "answered an outside client: {got:?}");
     }
     let l = px.wait_log("outside client", |v| v["reason"] == "client_not_allowed");
-    assert_eq!(l["client"].as_str().unwrap().split(':').next(), Some("192.0.2.1"));
+    assert_eq!(
+        l["client"].as_str().unwrap().split(':').next(),
+        Some("192.0.2.1")
+    );
     // ... while a client inside (the pod's own address) is served.
     let mut s = w
         .connect(&w.pod, "192.0.2.2:3128".parse().unwrap())
@@ -655,7 +668,11 @@ fn kubernetes_explicit_example() {
             }
         }
     }
-    let kind = |k: &str| -> Vec<&Y> { docs.iter().filter(|d| d["kind"].as_str() == Some(k)).collect() };
+    let kind = |k: &str| -> Vec<&Y> {
+        docs.iter()
+            .filter(|d| d["kind"].as_str() == Some(k))
+            .collect()
+    };
     assert_eq!(
         kind("Namespace")[0]["metadata"]["labels"]["pod-security.kubernetes.io/enforce"].as_str(),
         Some("restricted")
@@ -702,7 +719,10 @@ fn kubernetes_explicit_example() {
         .collect();
     assert!(ports.contains(&i64::from(proxy_port)), "{ports:?}");
     let svc = kind("Service")[0];
-    assert_eq!(svc["spec"]["ports"][0]["port"].as_i64(), Some(i64::from(proxy_port)));
+    assert_eq!(
+        svc["spec"]["ports"][0]["port"].as_i64(),
+        Some(i64::from(proxy_port))
+    );
 
     // The app's policy: egress to the proxy's port and DNS only.
     let app_np = kind("NetworkPolicy")
@@ -716,7 +736,9 @@ fn kubernetes_explicit_example() {
         .filter_map(|p| p["port"].as_i64())
         .collect();
     assert_eq!(allowed, [i64::from(proxy_port), 53, 53]);
-    assert!(egress.iter().all(|r| r["to"].as_sequence().is_some_and(|t| !t.is_empty())));
+    assert!(egress
+        .iter()
+        .all(|r| r["to"].as_sequence().is_some_and(|t| !t.is_empty())));
     let app = deps
         .iter()
         .find(|d| d["metadata"]["name"].as_str() == Some("example-app"))
@@ -725,5 +747,8 @@ fn kubernetes_explicit_example() {
         .as_sequence()
         .unwrap();
     assert!(env.iter().any(|e| e["name"].as_str() == Some("HTTPS_PROXY")
-        && e["value"].as_str().unwrap().ends_with(&format!(":{proxy_port}"))));
+        && e["value"]
+            .as_str()
+            .unwrap()
+            .ends_with(&format!(":{proxy_port}"))));
 }

@@ -669,7 +669,10 @@ async fn connect(
                 guard: _guard,
             } = up;
             let counters = Counters::new();
-            write_and_relay(shared, gen, client, stream, rest, &entry, &mut flow, &counters).await;
+            write_and_relay(
+                shared, gen, client, stream, rest, &entry, &mut flow, &counters,
+            )
+            .await;
             flow.finish(shared, counters.up(), counters.down());
         }
     }
@@ -761,10 +764,7 @@ async fn tunnel_detect(
             }
         }
     }
-    shared
-        .metrics
-        .detect_examined
-        .inc_by(detector.examined());
+    shared.metrics.detect_examined.inc_by(detector.examined());
     shared
         .metrics
         .detect_seconds
@@ -862,7 +862,10 @@ async fn tunnel_detect(
         guard: _guard,
     } = up;
     let counters = Counters::new();
-    write_and_relay(shared, gen, client, stream, buf, &entry, &mut flow, &counters).await;
+    write_and_relay(
+        shared, gen, client, stream, buf, &entry, &mut flow, &counters,
+    )
+    .await;
     flow.finish(shared, counters.up(), counters.down());
 }
 
@@ -891,9 +894,9 @@ async fn write_and_relay(
     let idle = gen.config().proxy.idle_timeout;
     if !first.is_empty() {
         let wrote = tokio::time::timeout(idle, upstream.write_all(&first)).await;
-        if let Err(e) = wrote.unwrap_or_else(|_| {
-            Err(io::Error::new(io::ErrorKind::TimedOut, "idle_timeout"))
-        }) {
+        if let Err(e) =
+            wrote.unwrap_or_else(|_| Err(io::Error::new(io::ErrorKind::TimedOut, "idle_timeout")))
+        {
             flow.rec.error = Some(format!("upstream: {e}"));
             deny::reset(client);
             deny::reset(upstream);
@@ -946,32 +949,56 @@ pub fn explain(
     let mut out = String::new();
     let (target, port, protocol, inner, request) = match (connect, url) {
         (Some(c), _) => {
-            let (t, port) = parse_authority(c)
-                .ok_or_else(|| format!("--connect {c:?}: expected HOST:PORT"))?;
+            let (t, port) =
+                parse_authority(c).ok_or_else(|| format!("--connect {c:?}: expected HOST:PORT"))?;
             let kind = match_entry(&reg, &t, port, None).ok().map(|(_, p)| p);
             let (protocol, inner) = match (sni, host, kind) {
                 (Some(s), _, _) => (FlowProtocol::Tls, Some(s.to_string())),
                 (_, Some(h), _) => (FlowProtocol::Http, Some(h.to_string())),
                 // Without --sni/--host: a client presenting the CONNECT name.
-                (_, _, Some(PortProtocol::Tls)) => (FlowProtocol::Tls, t.name().map(str::to_string)),
-                (_, _, Some(PortProtocol::Http)) => (FlowProtocol::Http, t.name().map(str::to_string)),
+                (_, _, Some(PortProtocol::Tls)) => {
+                    (FlowProtocol::Tls, t.name().map(str::to_string))
+                }
+                (_, _, Some(PortProtocol::Http)) => {
+                    (FlowProtocol::Http, t.name().map(str::to_string))
+                }
                 _ => (FlowProtocol::Tcp, None),
             };
             let detect = matches!(kind, Some(PortProtocol::Tls | PortProtocol::Http));
-            (t, port, protocol, inner, if detect { "connect-detect" } else { "connect-tcp" })
+            (
+                t,
+                port,
+                protocol,
+                inner,
+                if detect {
+                    "connect-detect"
+                } else {
+                    "connect-tcp"
+                },
+            )
         }
         (None, Some(u)) => {
             let uri: hyper::Uri = u.parse().map_err(|e| format!("--url {u:?}: {e}"))?;
             let (t, port) = http::absolute_target(&hyper::Method::GET, &uri)
                 .map_err(|e| format!("--url {u:?}: {e} (the proxy answers 400)"))?;
-            (t, port, FlowProtocol::Http, host.map(str::to_string), "absolute-form")
+            (
+                t,
+                port,
+                FlowProtocol::Http,
+                host.map(str::to_string),
+                "absolute-form",
+            )
         }
         (None, None) => return Err("explain needs --dst, --connect or --url".into()),
     };
     let _ = writeln!(
         out,
         "request: {} {} (explicit proxy)",
-        if request == "absolute-form" { "GET http://" } else { "CONNECT" },
+        if request == "absolute-form" {
+            "GET http://"
+        } else {
+            "CONNECT"
+        },
         target.authority(port)
     );
     match request {
@@ -1014,7 +1041,10 @@ pub fn explain(
         }
     }
     if v.decision == Decision::Deny {
-        let _ = writeln!(out, "upstream: none (denied: no upstream connection is opened)");
+        let _ = writeln!(
+            out,
+            "upstream: none (denied: no upstream connection is opened)"
+        );
     } else {
         let e = v.entry.map(|i| reg.entry(i));
         match (e, &target) {
@@ -1024,7 +1054,11 @@ pub fn explain(
                     .iter()
                     .map(|ep| SocketAddr::new(ep.address, ep.port.unwrap_or(port)).to_string())
                     .collect();
-                let _ = writeln!(out, "upstream: {} (STATIC endpoints, in turn)", l.join(", "));
+                let _ = writeln!(
+                    out,
+                    "upstream: {} (STATIC endpoints, in turn)",
+                    l.join(", ")
+                );
             }
             (_, Target::Ip(ip)) => {
                 let _ = writeln!(out, "upstream: {}", SocketAddr::new(*ip, port));
@@ -1141,7 +1175,12 @@ ports = [{ number = 80, protocol = "HTTP" }, { number = 7000, protocol = "TCP" }
             Err(Reason::NotInRegistry)
         );
         assert_eq!(
-            match_entry(&r, &Target::Ip("169.254.169.254".parse().unwrap()), 7000, None),
+            match_entry(
+                &r,
+                &Target::Ip("169.254.169.254".parse().unwrap()),
+                7000,
+                None
+            ),
             Ok((3, PortProtocol::Tcp))
         );
     }
@@ -1176,9 +1215,17 @@ ports = [{ number = 80, protocol = "HTTP" }, { number = 7000, protocol = "TCP" }
         let any: SocketAddr = "0.0.0.0:3128".parse().unwrap();
         let c = vec!["198.18.0.0/24".parse().unwrap()];
         assert!(client_allowed(&[], lo, "127.0.0.1:5000".parse().unwrap()));
-        assert!(!client_allowed(&[], any, "198.18.0.2:5000".parse().unwrap()));
+        assert!(!client_allowed(
+            &[],
+            any,
+            "198.18.0.2:5000".parse().unwrap()
+        ));
         assert!(client_allowed(&c, any, "198.18.0.2:5000".parse().unwrap()));
-        assert!(client_allowed(&c, any, "[::ffff:198.18.0.2]:5000".parse().unwrap()));
+        assert!(client_allowed(
+            &c,
+            any,
+            "[::ffff:198.18.0.2]:5000".parse().unwrap()
+        ));
         assert!(!client_allowed(&c, any, "198.18.1.2:5000".parse().unwrap()));
     }
 
@@ -1189,17 +1236,33 @@ ports = [{ number = 80, protocol = "HTTP" }, { number = 7000, protocol = "TCP" }
             explain(cfg.clone(), c, u, sni, None).expect("explained")
         };
         let t = x(Some("api.example.com:443"), None, None);
-        assert!(t.contains("decision: allow") && t.contains("entry: api"), "{t}");
+        assert!(
+            t.contains("decision: allow") && t.contains("entry: api"),
+            "{t}"
+        );
         assert!(t.contains("answers 200"), "{t}");
         let t = x(Some("api.example.com:443"), None, Some("www.example.org"));
         assert!(t.contains("reason: sni_mismatch"), "{t}");
         let t = x(Some("www.example.org:443"), None, None);
-        assert!(t.contains("decision: deny") && t.contains("not_in_registry"), "{t}");
+        assert!(
+            t.contains("decision: deny") && t.contains("not_in_registry"),
+            "{t}"
+        );
         let t = x(Some("db.example.com:5432"), None, None);
-        assert!(t.contains("decision: allow") && t.contains("before answering"), "{t}");
+        assert!(
+            t.contains("decision: allow") && t.contains("before answering"),
+            "{t}"
+        );
         let t = x(None, Some("http://api.example.com/x"), None);
         assert!(t.contains("decision: allow"), "{t}");
-        assert!(explain(cfg.clone(), None, Some("https://api.example.com/"), None, None).is_err());
+        assert!(explain(
+            cfg.clone(),
+            None,
+            Some("https://api.example.com/"),
+            None,
+            None
+        )
+        .is_err());
         assert!(explain(cfg, Some("nope"), None, None, None).is_err());
     }
 

@@ -145,19 +145,19 @@ pub fn absolute_target(method: &Method, uri: &Uri) -> Result<(Target, u16), &'st
 }
 
 /// The Host header's host: `Ok(None)` when absent, `Err` when several or unreadable.
-pub fn host_header(h: &HeaderMap) -> Result<Option<Target>, ()> {
+pub fn host_header(h: &HeaderMap) -> Result<Option<Target>, &'static str> {
     let mut all = h.get_all(HOST).iter();
     let Some(v) = all.next() else {
         return Ok(None);
     };
     if all.next().is_some() {
-        return Err(());
+        return Err("several Host headers");
     }
-    let s = v.to_str().map_err(|_| ())?;
+    let s = v.to_str().map_err(|_| "a Host header that is not text")?;
     let host = if s.starts_with('[') {
         match s.find(']') {
             Some(i) => &s[..=i],
-            None => return Err(()),
+            None => return Err("a Host header with an unclosed ["),
         }
     } else {
         match s.rsplit_once(':') {
@@ -165,7 +165,9 @@ pub fn host_header(h: &HeaderMap) -> Result<Option<Target>, ()> {
             _ => s,
         }
     };
-    Target::parse(host).map(Some).ok_or(())
+    Target::parse(host)
+        .map(Some)
+        .ok_or("a Host header that is not a valid name")
 }
 
 /// Logs the request's flow when the response body is done (or dropped).
@@ -215,11 +217,16 @@ impl Conn {
             Ok(Some(h)) => {
                 flow.rec.error = Some(format!(
                     "Host names {}",
-                    h.name().map(str::to_string).unwrap_or_else(|| h.authority(port))
+                    h.name()
+                        .map(str::to_string)
+                        .unwrap_or_else(|| h.authority(port))
                 ));
                 Some(Reason::HostMismatch)
             }
-            Err(()) => Some(Reason::Malformed),
+            Err(why) => {
+                flow.rec.error = Some(why.to_string());
+                Some(Reason::Malformed)
+            }
         };
         let entry = match mismatch {
             Some(r) => Err(r),
@@ -330,7 +337,11 @@ impl Conn {
             Err(_) => {
                 flow.rec.error = Some("upstream: handshake task ended".into());
                 flow.finish(shared, 0, 0);
-                return answer(StatusCode::BAD_GATEWAY, None, "portcullis: upstream failed\n".into());
+                return answer(
+                    StatusCode::BAD_GATEWAY,
+                    None,
+                    "portcullis: upstream failed\n".into(),
+                );
             }
         };
         flow.rec.upstream = Some(addr);
@@ -357,7 +368,9 @@ impl Conn {
             .map_frame(move |f| {
                 let _ = &fin;
                 if let Some(d) = f.data_ref() {
-                    fin.counters.down.fetch_add(d.len() as u64, Ordering::Relaxed);
+                    fin.counters
+                        .down
+                        .fetch_add(d.len() as u64, Ordering::Relaxed);
                     down_counter.inc_by(d.len() as u64);
                 }
                 f
