@@ -752,3 +752,87 @@ fn kubernetes_explicit_example() {
             .unwrap()
             .ends_with(&format!(":{proxy_port}"))));
 }
+
+/// Reload, limits and drain apply to the explicit listener as to the
+/// transparent one: a reload's registry decides new requests at once, and
+/// its explicit_clients new connections; past max_connections a connection
+/// is reset and logged `overload`; after SIGTERM /ready says 503 while new
+/// requests are still served, and open tunnels are closed at drain_timeout.
+#[test]
+fn explicit_reload_limits_and_drain() {
+    let world = World::start();
+    let base = CONFIG.replace(
+        "drain_timeout = \"2s\"",
+        "drain_timeout = \"3s\"\nmax_connections = 3",
+    );
+    let cfg = world.write_file("config.toml", &base);
+    let proxy = world.spawn_proxy(&["run", "-c", cfg.to_str().unwrap()]);
+    world.wait_tcp(&world.pod, "127.0.0.1:3128".parse().unwrap());
+    let mut px = Px { world, proxy };
+
+    // Limits: three open tunnels fill max_connections; the fourth is reset.
+    let mut open: Vec<TcpStream> = (0..3)
+        .map(|_| {
+            let (s, head) = px.connect("api.example.com:7000");
+            assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+            s
+        })
+        .collect();
+    let mut s = px.raw();
+    let _ = s.write_all(b"CONNECT api.example.com:7000 HTTP/1.1\r\n\r\n");
+    let (got, _) = read_to_end_timeout(&mut s, Duration::from_secs(5));
+    assert!(got.is_empty(), "{got:?}");
+    let l = px.wait_log("overload", |v| v["reason"] == "overload");
+    assert_eq!(l["mode"], "explicit");
+    open.truncate(1);
+    std::thread::sleep(Duration::from_millis(300));
+
+    // Reload: the api entry gone, the name is denied before 200.
+    let without_api = base
+        .replacen("name = \"api\"", "name = \"api-renamed\"", 1)
+        .replacen(
+            "hosts = [\"api.example.com\"]",
+            "hosts = [\"api2.example.com\"]",
+            1,
+        );
+    std::fs::write(&cfg, without_api).unwrap();
+    assert!(px.proxy.signal(libc::SIGHUP));
+    assert!(
+        poll_until(Duration::from_secs(10), || {
+            let (_s, head) = px.connect("api.example.com:7000");
+            head.starts_with("HTTP/1.1 403")
+        }),
+        "the reload did not apply: {}",
+        px.proxy.logs(3000)
+    );
+
+    // Drain: /ready 503, a new request still served, the open tunnel closed
+    // at drain_timeout and logged.
+    assert!(px.proxy.signal(libc::SIGTERM));
+    let ready = || {
+        px.world
+            .curl(&[
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "http://127.0.0.1:15021/ready",
+            ])
+            .stdout
+    };
+    assert!(poll_until(Duration::from_secs(5), || ready() == "503"));
+    let out = px
+        .world
+        .curl(&["-x", "http://127.0.0.1:3128", "http://api2.example.com/"]);
+    // api2 has no DNS record: decided and answered (dns), i.e. still served.
+    assert!(out.success(), "{out:?}");
+    let t = Instant::now();
+    let status = px.proxy.wait_timeout(Duration::from_secs(15));
+    assert!(status.is_some_and(|s| s.success()), "{status:?}");
+    assert!(t.elapsed() < Duration::from_secs(10));
+    let l = px.wait_log("tunnel closed by the drain", |v| {
+        authority_is(v, "api.example.com:7000") && v["error"].is_string()
+    });
+    assert_eq!(l["decision"], "allow");
+    drop(open);
+}
