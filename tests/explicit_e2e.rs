@@ -647,6 +647,45 @@ fn check_requires_explicit_clients_for_a_non_loopback_listener() {
             .run();
         assert_eq!(out.success(), ok, "{text}\n{out:?}");
     }
+
+    // `check` says what it accepted; `explain` answers for explicit requests.
+    std::fs::write(
+        &cfg,
+        "[proxy]\nlisten = []\nexplicit_listen = [\"0.0.0.0:3128\"]\nexplicit_clients = [\"10.0.0.0/8\"]\n\
+         [[service_entry]]\nname = \"api\"\nhosts = [\"api.example.com\"]\nports = [{ number = 443, protocol = \"TLS\" }]\n",
+    )
+    .unwrap();
+    let c = cfg.to_str().unwrap();
+    let out = Cmd::new(portcullis_bin()).args(["check", "-c", c]).run();
+    assert!(
+        out.stdout
+            .contains("explicit_listen: 0.0.0.0:3128 (clients: 10.0.0.0/8)"),
+        "{out:?}"
+    );
+    let explain = |args: &[&str]| {
+        Cmd::new(portcullis_bin())
+            .args(["explain", "-c", c])
+            .args(args)
+            .run()
+    };
+    let out = explain(&["--connect", "api.example.com:443"]);
+    assert!(out.success(), "{out:?}");
+    assert!(out.stdout.contains("decision: allow"), "{out:?}");
+    assert!(out.stdout.contains("entry: api"), "{out:?}");
+    let out = explain(&[
+        "--connect",
+        "api.example.com:443",
+        "--sni",
+        "evil.example.net",
+    ]);
+    assert!(out.stdout.contains("reason: sni_mismatch"), "{out:?}");
+    let out = explain(&["--url", "http://api.example.com/"]);
+    assert!(out.stdout.contains("decision: deny"), "{out:?}");
+    assert!(out.stdout.contains("not_in_registry"), "{out:?}");
+    let out = explain(&["--url", "https://api.example.com/"]);
+    assert_eq!(out.status, Some(2), "{out:?}");
+    let out = explain(&["--connect", "x:1", "--dst", "192.0.2.1:1"]);
+    assert_eq!(out.status, Some(2), "{out:?}");
     let _ = std::fs::remove_dir_all(&dir);
 }
 
