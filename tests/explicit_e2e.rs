@@ -875,3 +875,66 @@ fn explicit_reload_limits_and_drain() {
     assert_eq!(l["decision"], "allow");
     drop(open);
 }
+
+/// Bulk through an explicit tunnel against the transparent path, measured in
+/// the same run by the same proxy process (one config with both `listen` and
+/// `explicit_listen`, the redirect rules installed by `init`), alternating
+/// rounds of 512 MiB downloads with checksums. Figures are printed, never
+/// asserted (the machine is shared).
+#[test]
+fn explicit_tunnel_beside_the_transparent_path() {
+    let world = World::start();
+    let both = CONFIG.replace(
+        "listen = []",
+        "listen = [\"127.0.0.1:15001\", \"[::1]:15001\"]",
+    ) + "\n[redirect]\nproxy_uid = 1337\nproxy_gid = 1337\n";
+    let cfg = world.write_file("config.toml", &both);
+    world.init(&cfg);
+    let proxy = world.spawn_proxy(&["run", "-c", cfg.to_str().unwrap()]);
+    world.wait_tcp(&world.pod, "127.0.0.1:15001".parse().unwrap());
+    world.wait_tcp(&world.pod, "127.0.0.1:3128".parse().unwrap());
+    let px = Px { world, proxy };
+    const N: u64 = 512 << 20;
+    let rate = |d: Duration| N as f64 / (1 << 20) as f64 / d.as_secs_f64();
+    let (mut explicit, mut transparent) = (Vec::new(), Vec::new());
+    for _ in 0..3 {
+        let (mut s, head) = px.connect("api.example.com:9000");
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        let t = Instant::now();
+        bulk_download(&mut s, N).expect("explicit download");
+        explicit.push(rate(t.elapsed()));
+        // The test process runs as root: its connection is redirected.
+        let mut s = px
+            .world
+            .pod_connect(sa(addr::API_V4, port::BULK))
+            .expect("redirected connect");
+        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        let t = Instant::now();
+        bulk_download(&mut s, N).expect("transparent download");
+        transparent.push(rate(t.elapsed()));
+    }
+    let modes = || -> Vec<String> {
+        px.lines()
+            .iter()
+            .filter(|v| v["bytes_down"].as_u64() == Some(N))
+            .map(|v| v["mode"].as_str().unwrap_or("?").to_string())
+            .collect()
+    };
+    poll_until(Duration::from_secs(10), || modes().len() == 6);
+    let modes = modes();
+    assert_eq!(
+        modes.iter().filter(|m| *m == "transparent").count(),
+        3,
+        "{modes:?}"
+    );
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        v[1]
+    };
+    let (e, t) = (median(&mut explicit), median(&mut transparent));
+    eprintln!(
+        "512 MiB downloads, median of 3: explicit tunnel {e:.0} MiB/s, transparent {t:.0} MiB/s, ratio {:.2} (rounds: explicit {explicit:.0?}, transparent {transparent:.0?})",
+        e / t
+    );
+}
