@@ -379,3 +379,71 @@ impl Conn {
         Response::from_parts(parts, body)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_and_proxy_headers_are_removed() {
+        let mut h = HeaderMap::new();
+        for (k, v) in [
+            ("connection", "keep-alive, X-Hop"),
+            ("proxy-connection", "X-Other"),
+            ("x-hop", "1"),
+            ("x-other", "1"),
+            ("proxy-authorization", "Basic eDp5"),
+            ("keep-alive", "timeout=5"),
+            ("te", "trailers"),
+            ("transfer-encoding", "chunked"),
+            ("upgrade", "websocket"),
+            ("x-kept", "1"),
+            ("host", "api.example.com"),
+        ] {
+            h.append(HeaderName::from_static(k), HeaderValue::from_static(v));
+        }
+        strip_hop_by_hop(&mut h);
+        let left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(left, ["x-kept", "host"]);
+    }
+
+    #[test]
+    fn absolute_form_targets() {
+        let t = |m: Method, u: &str| absolute_target(&m, &u.parse::<Uri>().unwrap());
+        assert_eq!(
+            t(Method::GET, "http://API.example.com/x"),
+            Ok((Target::Name("api.example.com".into()), 80))
+        );
+        assert_eq!(
+            t(Method::POST, "http://[2001:db8::10]:8080/"),
+            Ok((Target::Ip("2001:db8::10".parse().unwrap()), 8080))
+        );
+        assert!(t(Method::GET, "https://api.example.com/").is_err());
+        assert!(t(Method::GET, "/origin-form").is_err());
+        assert!(t(Method::GET, "ftp://api.example.com/").is_err());
+        assert!(t(Method::GET, "http://user@api.example.com/").is_err());
+        assert!(t(Method::CONNECT, "api.example.com:443").is_err());
+    }
+
+    #[test]
+    fn host_headers() {
+        let h = |vals: &[&str]| {
+            let mut m = HeaderMap::new();
+            for v in vals {
+                m.append(HOST, HeaderValue::from_str(v).unwrap());
+            }
+            host_header(&m)
+        };
+        assert_eq!(h(&[]), Ok(None));
+        assert_eq!(
+            h(&["API.example.com:8080"]),
+            Ok(Some(Target::Name("api.example.com".into())))
+        );
+        assert_eq!(
+            h(&["[2001:db8::10]:80"]),
+            Ok(Some(Target::Ip("2001:db8::10".parse().unwrap())))
+        );
+        assert!(h(&["a.example.com", "b.example.com"]).is_err());
+        assert!(h(&["bad name"]).is_err());
+    }
+}
