@@ -958,3 +958,66 @@ fn explicit_tunnel_beside_the_transparent_path() {
         e / t
     );
 }
+
+/// Under ALLOW_ANY and under audit, unlisted names pass (logged as
+/// passthrough / audit), but the explicit path still never dials loopback or
+/// link-local addresses, nor an IP literal naming them.
+#[test]
+fn explicit_allow_any_and_audit_never_dial_inward() {
+    let world = World::builder()
+        .add_dns(&[
+            ("loop.example.com", "127.0.0.1"),
+            ("metadata.example.com", "169.254.169.254"),
+        ])
+        .start();
+    let allow_any = format!("outbound_traffic_policy = \"ALLOW_ANY\"\n{CONFIG}");
+    let cfg = world.write_file("config.toml", &allow_any);
+    let proxy = world.spawn_proxy(&["run", "-c", cfg.to_str().unwrap()]);
+    world.wait_tcp(&world.pod, "127.0.0.1:3128".parse().unwrap());
+    let mut px = Px { world, proxy };
+    let proxy_url = "http://127.0.0.1:3128";
+
+    for (policy, decision) in [("ALLOW_ANY", "passthrough"), ("audit", "audit")] {
+        if policy == "audit" {
+            std::fs::write(&cfg, format!("audit = true\n{CONFIG}")).unwrap();
+            assert!(px.proxy.signal(libc::SIGHUP));
+            assert!(
+                px.proxy.wait_output("reload", Duration::from_secs(10)),
+                "{}",
+                px.proxy.logs(2000)
+            );
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        // An unlisted name passes, by CONNECT and by absolute-form.
+        let out = px.curl(&["-x", proxy_url, "https://www.example.org/"]);
+        assert!(out.ok().starts_with("tls ok"), "{policy}: {out:?}");
+        let out = px.curl(&["-x", proxy_url, "http://www.example.org/"]);
+        assert!(out.ok().starts_with("http ok"), "{policy}: {out:?}");
+        let l = px.wait_log("unlisted", |v| {
+            authority_is(v, "www.example.org:80") && v["decision"] == decision
+        });
+        assert_eq!(l["reason"], "not_in_registry", "{policy}");
+        // Inward addresses never, by name or by literal.
+        for a in [
+            "loop.example.com:7000",
+            "metadata.example.com:7000",
+            "127.0.0.1:15000",
+            "169.254.169.254:80",
+            "[::1]:15000",
+        ] {
+            let (_s, head) = px.connect(a);
+            assert!(head.starts_with("HTTP/1.1 403"), "{policy} {a}: {head}");
+            assert!(head.contains("forbidden_address"), "{policy} {a}: {head}");
+        }
+        let out = px.curl(&["-x", proxy_url, "-i", "http://127.0.0.1:15000/config"]);
+        assert!(out.stdout.starts_with("HTTP/1.1 403"), "{policy}: {out:?}");
+        // An entry's HTTP port: 200, then the request inside is refused.
+        let (mut s, head) = px.connect("metadata.example.com:80");
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        s.write_all(b"GET / HTTP/1.1\r\nHost: metadata.example.com\r\n\r\n")
+            .unwrap();
+        let (head, body) = read_response(&mut s);
+        assert!(head.starts_with("HTTP/1.1 403"), "{policy}: {head}");
+        assert!(body.contains("forbidden_address"), "{policy}: {body}");
+    }
+}
