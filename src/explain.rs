@@ -29,7 +29,11 @@ pub fn summary(cfg: &Config) -> String {
         }
     );
     let listen: Vec<String> = cfg.proxy.listen.iter().map(|a| a.to_string()).collect();
-    let _ = writeln!(out, "listen: {}", listen.join(", "));
+    if listen.is_empty() {
+        let _ = writeln!(out, "listen: none (explicit proxy only: no redirect rules)");
+    } else {
+        let _ = writeln!(out, "listen: {}", listen.join(", "));
+    }
     if !cfg.proxy.explicit_listen.is_empty() {
         let l: Vec<String> = cfg
             .proxy
