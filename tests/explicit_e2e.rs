@@ -538,6 +538,30 @@ except urllib.error.URLError as e:
         "{out:?}"
     );
 
+    // ... and urllib's default opener, which takes HTTPS_PROXY from the environment.
+    let py_env = format!(
+        "import ssl, urllib.request\n\
+         ctx = ssl.create_default_context(cafile={ca:?})\n\
+         print(urllib.request.urlopen('https://a.files.example.com/', context=ctx, timeout=10).read().decode().split()[1:3])\n",
+        ca = pki().ca_cert.to_str().unwrap()
+    );
+    let out = w.run_pod(
+        Cmd::new("python3")
+            .args(["-c", &py_env])
+            .env("HTTPS_PROXY", proxy)
+            .timeout(Duration::from_secs(60)),
+    );
+    assert_eq!(out.ok(), "['ok', 'sni=a.files.example.com']\n", "{out:?}");
+    assert!(
+        poll_until(Duration::from_secs(10), || px
+            .lines()
+            .iter()
+            .filter(|v| authority_is(v, "a.files.example.com:443"))
+            .count()
+            >= 2),
+        "the env-proxy request did not go through the proxy"
+    );
+
     // --- A client outside explicit_clients: reset, counted, logged.
     // (The reset may already show in the connect helper.)
     if let Ok(mut s) = w.connect(&w.inet, "192.0.2.2:3128".parse().unwrap()) {
