@@ -96,16 +96,6 @@ pub fn forbidden(ip: IpAddr, own: &[IpAddr]) -> bool {
     special || own.contains(&ip)
 }
 
-/// Decrements the active-flow count however the connection ends.
-struct ActiveGuard(Arc<Shared>);
-
-impl Drop for ActiveGuard {
-    fn drop(&mut self) {
-        self.0.active.fetch_sub(1, Ordering::AcqRel);
-        self.0.metrics.active.dec();
-    }
-}
-
 /// Whether `peer` may use the explicit listener at `local`: listed in
 /// `explicit_clients`, or (when that is empty) arriving on a loopback
 /// listener. Read from the current generation, so a reload applies to new
@@ -145,7 +135,7 @@ async fn accept_loop(shared: Arc<Shared>, ctx: Arc<Explicit>, listener: TcpListe
             flow.finish(&shared, 0, 0);
             continue;
         }
-        if shared.active.load(Ordering::Acquire) >= shared.max_connections {
+        let Some(guard) = shared.admit() else {
             let mut flow = XFlow::new(peer, None);
             flow.decided(&shared, &gen.registry, &refused(Reason::Overload));
             flow.rec.error = Some(format!(
@@ -155,10 +145,7 @@ async fn accept_loop(shared: Arc<Shared>, ctx: Arc<Explicit>, listener: TcpListe
             deny::reset(stream);
             flow.finish(&shared, 0, 0);
             continue;
-        }
-        shared.active.fetch_add(1, Ordering::AcqRel);
-        shared.metrics.active.inc();
-        let guard = ActiveGuard(shared.clone());
+        };
         let s = shared.clone();
         let c = ctx.clone();
         tokio::spawn(async move {

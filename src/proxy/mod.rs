@@ -288,10 +288,22 @@ static NEXT_FLOW_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64
 
 /// Holds the flow's slot and decrements the active-flow count however the
 /// flow task ends.
-struct ActiveGuard(
+pub(crate) struct ActiveGuard(
     Arc<Shared>,
     #[allow(dead_code)] tokio::sync::OwnedSemaphorePermit,
 );
+
+impl Shared {
+    /// Takes one of the `max_connections` places for a new flow, from the one
+    /// semaphore every listener (transparent and explicit) shares, or `None`
+    /// when all are taken. The place is given back when the guard drops.
+    pub(crate) fn admit(self: &Arc<Self>) -> Option<ActiveGuard> {
+        let slot = self.slots.clone().try_acquire_owned().ok()?;
+        self.active.fetch_add(1, Ordering::AcqRel);
+        self.metrics.active.inc();
+        Some(ActiveGuard(self.clone(), slot))
+    }
+}
 
 impl Drop for ActiveGuard {
     fn drop(&mut self) {
@@ -311,13 +323,10 @@ pub async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
-                let Ok(slot) = shared.slots.clone().try_acquire_owned() else {
+                let Some(guard) = shared.admit() else {
                     overload(&shared, stream, peer);
                     continue;
                 };
-                shared.active.fetch_add(1, Ordering::AcqRel);
-                shared.metrics.active.inc();
-                let guard = ActiveGuard(shared.clone(), slot);
                 let s = shared.clone();
                 tokio::spawn(async move {
                     let _guard = guard;
