@@ -150,6 +150,10 @@ pub struct ProxySettings {
     pub max_connections: MaxConnections,
     pub access_log: AccessLog,
     pub revoke_on_reload: bool,
+    /// Read once at start (DESIGN §3 step 7); `None` = "none".
+    pub resolv_conf: Option<PathBuf>,
+    /// Read once at start; `None` = "none".
+    pub hosts_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -274,6 +278,8 @@ struct RawProxy {
     max_connections: Option<Spanned<RawMax>>,
     access_log: Option<Spanned<String>>,
     revoke_on_reload: Option<bool>,
+    resolv_conf: Option<Spanned<String>>,
+    hosts_file: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -599,6 +605,20 @@ fn validate_proxy(ctx: &Ctx, raw: Option<&RawProxy>) -> Result<ProxySettings, Co
         }
         Some(p) => AccessLog::File(PathBuf::from(p)),
     };
+    // "none" turns the file off; anything else is a path, read once at start.
+    let file_or_none = |v: &Option<Spanned<String>>, key: &str, default: &str| match v {
+        None => Ok(Some(PathBuf::from(default))),
+        Some(s) if s.get_ref() == "none" => Ok(None),
+        Some(s) if s.get_ref().is_empty() => Err(ctx.err(
+            s.span().start,
+            "[proxy] ",
+            key,
+            "use a file path or \"none\"",
+        )),
+        Some(s) => Ok(Some(PathBuf::from(s.get_ref()))),
+    };
+    let resolv_conf = file_or_none(&raw.resolv_conf, "resolv_conf", "/etc/resolv.conf")?;
+    let hosts_file = file_or_none(&raw.hosts_file, "hosts_file", "/etc/hosts")?;
     let settings = ProxySettings {
         listen,
         health,
@@ -637,6 +657,8 @@ fn validate_proxy(ctx: &Ctx, raw: Option<&RawProxy>) -> Result<ProxySettings, Co
         max_connections,
         access_log,
         revoke_on_reload: raw.revoke_on_reload.unwrap_or(false),
+        resolv_conf,
+        hosts_file,
     };
     for (key, v, span) in [
         ("hello_timeout", settings.hello_timeout, &raw.hello_timeout),

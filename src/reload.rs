@@ -160,6 +160,15 @@ pub fn plan(started: &Config, old: &Config, mut new: Config) -> Plan {
         restart.push("proxy.max_connections".to_string());
         b.max_connections = a.max_connections;
     }
+    // Read once at start (docs/DESIGN.md §3 step 7), never on reload.
+    if a.resolv_conf != b.resolv_conf {
+        restart.push("proxy.resolv_conf".to_string());
+        b.resolv_conf = a.resolv_conf.clone();
+    }
+    if a.hosts_file != b.hosts_file {
+        restart.push("proxy.hosts_file".to_string());
+        b.hosts_file = a.hosts_file.clone();
+    }
     let redirect_changed = started.redirect != new.redirect;
     if redirect_changed {
         restart.push("redirect".to_string());
@@ -230,7 +239,7 @@ pub fn reload(shared: &Arc<Shared>, path: &Path, why: &str) {
     let drain = effective.proxy.drain_timeout;
     let kept: HashSet<String> = effective.entries.iter().map(|e| e.name.clone()).collect();
     let entries = effective.entries.len();
-    shared.install(Arc::new(Generation::new(Arc::new(effective))));
+    shared.install(Arc::new(Generation::after(Arc::new(effective), &old)));
 
     // Revocations: earlier ones stand unless the entry came back; this
     // reload's removals are added when revoke_on_reload is set.
