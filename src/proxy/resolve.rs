@@ -497,16 +497,15 @@ impl Resolver {
                 _ => Resolved::Addrs(a.clone(), Duration::from_secs(300)),
             };
         }
-        let v4 = self.family(&name, scope, Family::V4);
-        let v6 = self.family(&name, scope, Family::V6);
+        // Each family ends by the deadline (with its stale answer, if any).
+        let v4 = self.family(&name, scope, Family::V4, want, deadline);
+        let v6 = self.family(&name, scope, Family::V6, want, deadline);
         tokio::pin!(v4, v6);
         let (mut r4, mut r6): (Option<Option<(Vec<IpAddr>, Duration)>>, _) = (None, None);
-        let until = deadline.unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
         while r4.is_none() || r6.is_none() {
             tokio::select! {
                 r = &mut v4, if r4.is_none() => r4 = Some(r),
                 r = &mut v6, if r6.is_none() => r6 = Some(r),
-                () = tokio::time::sleep_until(until) => break,
             }
             if let Some(w) = want {
                 let held = [&r4, &r6]
@@ -533,12 +532,19 @@ impl Resolver {
     }
 
     /// One family of a name: from the cache, or asked (coalesced with any
-    /// lookup of it in flight).
+    /// lookup of it in flight). At `deadline` (the flow's connect_timeout)
+    /// it stops waiting and serves the stale answer, if any; the lookup
+    /// itself goes on and its outcome is cached. An expired answer that
+    /// holds `want` settles the flow at once while the lookup refreshes it
+    /// (RFC 8767's serve-stale, without making the flow wait for a
+    /// resolver that may be down).
     async fn family(
         &self,
         name: &str,
         scope: &Scope,
         fam: Family,
+        want: Option<IpAddr>,
+        deadline: Option<tokio::time::Instant>,
     ) -> Option<(Vec<IpAddr>, Duration)> {
         let key = (name.to_string(), fam);
         // The cache is looked at under the in-flight lock: a lookup that
@@ -569,24 +575,28 @@ impl Resolver {
             };
             (stale, rx)
         };
-        let outcome = match rx.wait_for(|o| o.is_some()).await {
-            Ok(o) => o.clone(),
-            Err(_) => None, // the lookup task ended without an answer
+        if let (Some(a), Some(w)) = (&stale, want) {
+            if a.contains(&w) {
+                return Some((a.clone(), FAIL_FOR));
+            }
+        }
+        let wait = async {
+            match rx.wait_for(|o| o.is_some()).await {
+                Ok(o) => o.clone(),
+                Err(_) => None, // the lookup task ended without an answer
+            }
+        };
+        let outcome = match deadline {
+            Some(d) => match tokio::time::timeout_at(d, wait).await {
+                Ok(o) => o,
+                Err(_) => Some(Outcome::Failed("connect_timeout reached while resolving".into())),
+            },
+            None => wait.await,
         };
         match outcome {
             Some(Outcome::Addrs(a, ttl)) => Some((a, ttl)),
             Some(Outcome::Negative(_)) => None,
-            Some(Outcome::Failed(e)) => match stale {
-                Some(a) => {
-                    tracing::warn!(name, family = ?fam, error = %e, "resolver failed: serving the last good answer");
-                    Some((a, FAIL_FOR))
-                }
-                None => {
-                    tracing::warn!(name, family = ?fam, error = %e, "resolver failed");
-                    None
-                }
-            },
-            None => stale.map(|a| (a, FAIL_FOR)),
+            Some(Outcome::Failed(_)) | None => stale.map(|a| (a, FAIL_FOR)),
         }
     }
 
@@ -602,8 +612,22 @@ impl Resolver {
                 Ok(_permit) => query(&inner, &key.0, fam).await,
                 Err(_) => Outcome::Failed("resolver closed".into()),
             };
+            let now = Instant::now();
+            let mut stale = false;
             if let Ok(mut c) = inner.cache.lock() {
-                c.entry(&scope, &key.0).fam[fam.idx()].record(&outcome, Instant::now());
+                let f = &mut c.entry(&scope, &key.0).fam[fam.idx()];
+                f.record(&outcome, now);
+                stale = matches!(f.look(now), Cached::Use(..));
+            }
+            // Logged once per lookup (a failure is cached: at most once per
+            // name and family every FAIL_FOR), never once per flow.
+            if let Outcome::Failed(e) = &outcome {
+                let name = key.0.as_str();
+                if stale {
+                    tracing::warn!(name, family = ?fam, error = %e, "resolver failed: serving the last good answer");
+                } else {
+                    tracing::warn!(name, family = ?fam, error = %e, "resolver failed");
+                }
             }
             // Cache first, then out of the in-flight map (see `family`).
             match inner.in_flight.lock() {

@@ -136,8 +136,10 @@ pub struct Dialer {
 
 impl Dialer {
     /// The candidate addresses of a plan, in the order to try them.
-    /// Resolution counts inside `connect_timeout`: it gives up at
-    /// `deadline` with what has come.
+    /// Resolution counts inside `connect_timeout` (`deadline` is the flow's
+    /// end of it): it may take three quarters of what is left, then gives
+    /// up with what has come (stale answers included), so connecting to
+    /// them still has time.
     pub async fn candidates(
         &self,
         plan: &Upstream,
@@ -151,9 +153,11 @@ impl Dialer {
             Upstream::Resolve { name, port, dst } => {
                 let dst_ip = canonical_ip(dst.ip());
                 let scope = scope(reg, v, name);
+                let now = tokio::time::Instant::now();
+                let until = now + deadline.saturating_duration_since(now) * 3 / 4;
                 match self
                     .resolver
-                    .resolve(name, &scope, Some(dst_ip), Some(deadline))
+                    .resolve(name, &scope, Some(dst_ip), Some(until))
                     .await
                 {
                     Resolved::NoAnswer => Err(ConnectError::Dns),
