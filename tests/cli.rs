@@ -101,7 +101,7 @@ fn explain_decisions() {
 
     let (_, out, _) = portcullis(&["explain", "-c", "config.toml", "--dst", "198.51.100.7:5432"]);
     assert!(
-        out.contains("decision: allow") && out.contains("orders-db (config.toml:70)"),
+        out.contains("decision: allow") && out.contains("orders-db (config.toml:72)"),
         "{out}"
     );
 
