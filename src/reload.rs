@@ -390,6 +390,60 @@ mod tests {
     }
 
     #[test]
+    fn resolver_files_are_read_once_a_change_needs_a_restart() {
+        let a = cfg(&format!("{BASE}{API}"));
+        let b = cfg(&format!(
+            "[proxy]\nlisten = [\"127.0.0.1:15001\"]\nresolv_conf = \"/x/resolv.conf\"\nhosts_file = \"none\"\n[redirect]\nproxy_uid = 1337\n{API}"
+        ));
+        let p = plan(&a, &a, b);
+        assert_eq!(
+            p.restart_required,
+            ["proxy.resolv_conf", "proxy.hosts_file"]
+        );
+        assert_eq!(
+            p.effective.proxy.resolv_conf.as_deref(),
+            Some(Path::new("/etc/resolv.conf"))
+        );
+        assert_eq!(
+            p.effective.proxy.hosts_file.as_deref(),
+            Some(Path::new("/etc/hosts"))
+        );
+    }
+
+    #[test]
+    fn a_reload_carries_resolved_addresses_of_unchanged_hosts_over() {
+        use crate::registry::ResolvedAddrs;
+        let tcp = |name: &str, host: &str| {
+            format!("[[service_entry]]\nname = \"{name}\"\nhosts = [\"{host}\"]\nports = [{{ number = 5432, protocol = \"TCP\" }}]\nresolution = \"DNS\"\n")
+        };
+        let old = Generation::new(Arc::new(cfg(&format!(
+            "{BASE}{}{}",
+            tcp("db", "db.example.com"),
+            tcp("cache", "cache.example.com")
+        ))));
+        let ip: std::net::IpAddr = "192.0.2.10".parse().unwrap();
+        let ip2: std::net::IpAddr = "192.0.2.11".parse().unwrap();
+        old.resolved.set(0, &[ip]);
+        old.resolved.set(1, &[ip2]);
+        // an entry added in front (indexes move), db renamed but its hosts
+        // unchanged, cache pointed at another host
+        let new = Generation::after(
+            Arc::new(cfg(&format!(
+                "{BASE}{API}{}{}",
+                tcp("database", "db.example.com"),
+                tcp("cache", "cache2.example.com")
+            ))),
+            &old,
+        );
+        assert!(new.resolved.contains(1, ip), "db's address carried over");
+        assert!(
+            !new.resolved.contains(2, ip2),
+            "cache's hosts changed: re-resolved"
+        );
+        assert!(!new.resolved.contains(2, ip));
+    }
+
+    #[test]
     fn rerun_init_follows_the_non_tcp_filter() {
         let strict = cfg(&format!("{BASE}{API}"));
         let audit = cfg(&format!("audit = true\n{BASE}{API}"));

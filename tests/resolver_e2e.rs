@@ -145,7 +145,9 @@ impl Rw {
             .lines()
             .filter_map(|l| l.strip_prefix("query "))
             .map(|l| l.split(' ').collect::<Vec<_>>())
-            .filter(|w| w.len() >= 5 && w[1] == name && seen.insert((w[0].to_string(), w[4].to_string())))
+            .filter(|w| {
+                w.len() >= 5 && w[1] == name && seen.insert((w[0].to_string(), w[4].to_string()))
+            })
             .map(|w| format!("{} {}", w[0], w[1]))
             .collect()
     }
@@ -213,7 +215,12 @@ fn a_resolver_dropping_aaaa_does_not_delay_an_ipv4_flow() {
     );
     // ... and that failure is cached: the next flow does not wait
     let (st, took) = rw.get(addr::FILES_V6, "other.example.com");
-    assert_ok(&st, took, Duration::from_millis(500), "inside the failure window");
+    assert_ok(
+        &st,
+        took,
+        Duration::from_millis(500),
+        "inside the failure window",
+    );
     assert_eq!(
         rw.queries("other.example.com")
             .iter()
@@ -263,7 +270,10 @@ fn an_absent_resolver_costs_one_timeout_per_name() {
     let asked = rw.queries("api.example.com").len();
     let (st, took) = rw.get(addr::API_V4, "api.example.com");
     assert!(st.contains(" 403 "), "{st}");
-    assert!(took < Duration::from_millis(500), "second flow waited {took:?}");
+    assert!(
+        took < Duration::from_millis(500),
+        "second flow waited {took:?}"
+    );
     assert_eq!(rw.queries("api.example.com").len(), asked, "asked again");
     let l = rw.log(2);
     assert_eq!(l[0]["reason"], "dns", "{l:?}");
@@ -296,7 +306,12 @@ fn a_slow_resolver_is_waited_for_once_and_lookups_are_coalesced() {
         .iter()
         .filter(|q| q.starts_with("A "))
         .count();
-    assert_eq!(a, 1, "12 concurrent flows, one A query: {}", rw.dns.stdout());
+    assert_eq!(
+        a,
+        1,
+        "12 concurrent flows, one A query: {}",
+        rw.dns.stdout()
+    );
     let (st, took) = rw.get(addr::API_V4, "api.example.com");
     assert_ok(&st, took, Duration::from_millis(300), "cached");
 }
@@ -315,7 +330,11 @@ fn nxdomain_is_answered_at_once_and_cached() {
     let (st, took) = rw.get(addr::API_V4, "nx.example.com");
     assert!(st.contains(" 403 "), "{st}");
     assert!(took < Duration::from_millis(500), "{took:?}");
-    assert_eq!(rw.queries("nx.example.com"), asked, "asked again inside the SOA minimum");
+    assert_eq!(
+        rw.queries("nx.example.com"),
+        asked,
+        "asked again inside the SOA minimum"
+    );
     let l = rw.log(2);
     assert_eq!(l[1]["reason"], "dns", "{l:?}");
 }
@@ -367,7 +386,11 @@ resolution = "DNS"
             "reload {i} not seen: {}",
             p.logs(3000)
         );
-        assert!(echo(&rw), "flow right after reload {i} not allowed: {}", rw.proxy().logs(4000));
+        assert!(
+            echo(&rw),
+            "flow right after reload {i} not allowed: {}",
+            rw.proxy().logs(4000)
+        );
     }
     let l = rw.log(6);
     assert!(
@@ -395,17 +418,30 @@ fn resolv_conf_and_hosts_rewritten_after_start_change_nothing() {
         "hosts",
         "127.0.0.1 localhost\n192.0.2.11 hosted.example.com\n192.0.2.11 api.example.com\n",
     );
-    rw.pod_etc("resolv.conf", "nameserver 192.0.2.99\noptions timeout:1 attempts:1\n");
+    rw.pod_etc(
+        "resolv.conf",
+        "nameserver 192.0.2.99\noptions timeout:1 attempts:1\n",
+    );
     let p = rw.proxy();
     assert!(p.signal(libc::SIGHUP));
     assert!(poll_until(Duration::from_secs(5), || p
         .stderr()
         .contains("config reloaded")));
     let (st, took) = rw.get(addr::API_V4, "hosted.example.com");
-    assert_ok(&st, took, Duration::from_secs(1), "hosts entry as read at start");
+    assert_ok(
+        &st,
+        took,
+        Duration::from_secs(1),
+        "hosts entry as read at start",
+    );
     // A flow that needs DNS still asks the resolver read at start.
     let (st, took) = rw.get(addr::API_V4, "api.example.com");
-    assert_ok(&st, took, Duration::from_secs(1), "resolver as read at start");
+    assert_ok(
+        &st,
+        took,
+        Duration::from_secs(1),
+        "resolver as read at start",
+    );
     let l = rw.log(3);
     assert_eq!(l[1]["upstream"], "192.0.2.10:80", "{l:?}");
     assert_eq!(l[2]["upstream"], "192.0.2.10:80", "{l:?}");
@@ -436,7 +472,9 @@ fn resolver_files_are_configurable_and_a_loopback_resolver_is_warned_about() {
     let extra = extra.replace("[redirect]", "");
     // [proxy] keys go before [redirect]
     let base = PROXY_BASE.replace("[redirect]", &format!("{extra}[redirect]"));
-    let cfg = rw.world.write_file("config.toml", &format!("{base}\n{ENTRIES}"));
+    let cfg = rw
+        .world
+        .write_file("config.toml", &format!("{base}\n{ENTRIES}"));
     rw.world.init(&cfg);
     rw.proxy = Some(rw.world.spawn_proxy(&["run", "-c", cfg.to_str().unwrap()]));
     rw.world
@@ -452,11 +490,17 @@ fn resolver_files_are_configurable_and_a_loopback_resolver_is_warned_about() {
     );
 
     // The default file names a loopback resolver: check and run warn.
-    let plain = rw.world.write_file("plain.toml", &format!("{PROXY_BASE}\n{ENTRIES}"));
-    let out = rw.world.portcullis(&["check", "-c", plain.to_str().unwrap()]);
+    let plain = rw
+        .world
+        .write_file("plain.toml", &format!("{PROXY_BASE}\n{ENTRIES}"));
+    let out = rw
+        .world
+        .portcullis(&["check", "-c", plain.to_str().unwrap()]);
     assert!(out.success(), "{out:?}");
     assert!(
-        out.stdout.contains("warning:") && out.stdout.contains("127.0.0.53") && out.stdout.contains("loopback"),
+        out.stdout.contains("warning:")
+            && out.stdout.contains("127.0.0.53")
+            && out.stdout.contains("loopback"),
         "check: {out:?}"
     );
     let out = rw.world.portcullis(&["check", "-c", cfg.to_str().unwrap()]);
@@ -473,12 +517,16 @@ fn resolver_files_are_configurable_and_a_loopback_resolver_is_warned_about() {
             )
         ),
     );
-    let out = rw.world.portcullis(&["check", "-c", none.to_str().unwrap()]);
+    let out = rw
+        .world
+        .portcullis(&["check", "-c", none.to_str().unwrap()]);
     assert!(out.success() && !out.stdout.contains("loopback"), "{out:?}");
 
     // run warns too
     rw.proxy = None;
-    let mut p = rw.world.spawn_proxy(&["run", "-c", plain.to_str().unwrap()]);
+    let mut p = rw
+        .world
+        .spawn_proxy(&["run", "-c", plain.to_str().unwrap()]);
     assert!(
         p.wait_output("names a resolver on loopback", Duration::from_secs(10)),
         "run: {}",
@@ -510,9 +558,9 @@ ports = [{ number = 7000, protocol = "TCP" }, { number = 9, protocol = "TCP" }]
     let l = rw.log(1);
     assert_eq!(l[0]["error"], "connect_refused", "{l:?}");
     // Two local ports, both held by listeners: bind(0) finds none free.
-    let out = rw.world.run_pod(
-        Cmd::new("sysctl").args(["-qw", "net.ipv4.ip_local_port_range=40000 40001"]),
-    );
+    let out = rw
+        .world
+        .run_pod(Cmd::new("sysctl").args(["-qw", "net.ipv4.ip_local_port_range=40000 40001"]));
     assert!(out.success(), "{out:?}");
     let holders: Vec<std::net::TcpListener> = (40000..=40001)
         .map(|p| {

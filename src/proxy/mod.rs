@@ -46,6 +46,17 @@ impl Default for TcpResolved {
     }
 }
 
+impl TcpResolved {
+    /// Test seam: what a resolution of `entry` found now.
+    #[cfg(test)]
+    pub(crate) fn set(&self, entry: usize, ips: &[IpAddr]) {
+        let now = Instant::now();
+        if let Ok(mut m) = self.map.write() {
+            m.insert(entry, ips.iter().map(|ip| (*ip, now)).collect());
+        }
+    }
+}
+
 /// An address that vanished from the answers is kept this long.
 const KEEP_VANISHED: Duration = Duration::from_secs(300);
 

@@ -387,6 +387,8 @@ pub fn loopback_warning(proxy: &ProxySettings) -> Option<String> {
 }
 
 type InFlight = watch::Receiver<Option<Outcome>>;
+/// One family's addresses and how long they stay fresh; None: no address.
+type Answer = Option<(Vec<IpAddr>, Duration)>;
 
 struct Inner {
     dns: Option<hickory_resolver::Resolver<MarkedRuntime>>,
@@ -501,7 +503,7 @@ impl Resolver {
         let v4 = self.family(&name, scope, Family::V4, want, deadline);
         let v6 = self.family(&name, scope, Family::V6, want, deadline);
         tokio::pin!(v4, v6);
-        let (mut r4, mut r6): (Option<Option<(Vec<IpAddr>, Duration)>>, _) = (None, None);
+        let (mut r4, mut r6): (Option<Answer>, Option<Answer>) = (None, None);
         while r4.is_none() || r6.is_none() {
             tokio::select! {
                 r = &mut v4, if r4.is_none() => r4 = Some(r),
@@ -545,7 +547,7 @@ impl Resolver {
         fam: Family,
         want: Option<IpAddr>,
         deadline: Option<tokio::time::Instant>,
-    ) -> Option<(Vec<IpAddr>, Duration)> {
+    ) -> Answer {
         let key = (name.to_string(), fam);
         // The cache is looked at under the in-flight lock: a lookup that
         // ends writes the cache before leaving the in-flight map, so a flow
@@ -556,7 +558,9 @@ impl Resolver {
                 Err(p) => p.into_inner(),
             };
             let look = match self.inner.cache.lock() {
-                Ok(mut c) => c.get(scope, name).map(|s| s.fam[fam.idx()].look(Instant::now())),
+                Ok(mut c) => c
+                    .get(scope, name)
+                    .map(|s| s.fam[fam.idx()].look(Instant::now())),
                 Err(_) => None,
             };
             let stale = match look {
@@ -589,7 +593,9 @@ impl Resolver {
         let outcome = match deadline {
             Some(d) => match tokio::time::timeout_at(d, wait).await {
                 Ok(o) => o,
-                Err(_) => Some(Outcome::Failed("connect_timeout reached while resolving".into())),
+                Err(_) => Some(Outcome::Failed(
+                    "connect_timeout reached while resolving".into(),
+                )),
             },
             None => wait.await,
         };
@@ -699,7 +705,10 @@ mod tests {
         let h = parse_hosts(
             "127.0.0.1 localhost\n# c\n192.0.2.10\tApi.Example.com. api # alias\n::ffff:192.0.2.11 x\nbad line\n",
         );
-        assert_eq!(h["api.example.com"], vec!["192.0.2.10".parse::<IpAddr>().unwrap()]);
+        assert_eq!(
+            h["api.example.com"],
+            vec!["192.0.2.10".parse::<IpAddr>().unwrap()]
+        );
         assert_eq!(h["api"], h["api.example.com"]);
         assert_eq!(h["x"], vec!["192.0.2.11".parse::<IpAddr>().unwrap()]);
         assert!(!h.contains_key("bad"));
@@ -725,10 +734,7 @@ mod tests {
         // NXDOMAIN: nothing, for the clamped negative TTL
         f.record(&Outcome::Negative(Some(1)), later);
         assert!(matches!(f.look(later), Cached::Nothing));
-        assert!(matches!(
-            f.look(later + NEGATIVE_MIN),
-            Cached::Ask(None)
-        ));
+        assert!(matches!(f.look(later + NEGATIVE_MIN), Cached::Ask(None)));
         f.record(&Outcome::Negative(Some(86_400)), later);
         assert!(matches!(f.look(later + NEGATIVE_MAX), Cached::Ask(None)));
         assert!(matches!(
@@ -754,7 +760,10 @@ mod tests {
         assert!(c.get(&w, "keep.files.example.com").is_some());
         assert!(c.get(&w, "n0.files.example.com").is_none());
         assert!(c
-            .get(&w, &format!("n{}.files.example.com", 5 * WILDCARD_NAMES - 1))
+            .get(
+                &w,
+                &format!("n{}.files.example.com", 5 * WILDCARD_NAMES - 1)
+            )
             .is_some());
     }
 
