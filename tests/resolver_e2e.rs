@@ -205,6 +205,18 @@ fn a_resolver_dropping_aaaa_does_not_delay_an_ipv4_flow() {
     let l = rw.log(2);
     assert_eq!(l[0]["decision"], "allow", "{l:?}");
     assert_eq!(l[0]["upstream"], "192.0.2.10:80", "{l:?}");
+    // D is another IPv4 address than the name's (a CDN that rotates, a
+    // resolver with another view): the A answers are used at once, AAAA is
+    // not waited for; the flow reaches only what the name resolves to.
+    let (st, took) = rw.get(addr::FILES_V4, "api.example.com");
+    assert_ok(
+        &st,
+        took,
+        Duration::from_secs(1),
+        "IPv4 D not among the answers",
+    );
+    let l = rw.log(3);
+    assert_eq!(l[2]["upstream"], "192.0.2.10:80", "{l:?}");
     // D is IPv6 and only A answers: the AAAA family is given up after the
     // resolver budget, then the A answers are used (D's family first, then
     // the other): bounded by the budget, not by 2 x timeout x attempts.

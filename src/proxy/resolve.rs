@@ -479,8 +479,9 @@ impl Resolver {
 
     /// A and AAAA of `name` (an absolute name: no search domains), asked at
     /// once; returns `[want]` as soon as an answer of either family holds
-    /// it, without waiting for the other. Gives up at `deadline` with what
-    /// has come.
+    /// it, and the answers of want's family as soon as they come without it;
+    /// the other family is waited for only when want's has none. Gives up
+    /// at `deadline` with what has come.
     pub async fn resolve(
         &self,
         name: &str,
@@ -517,6 +518,15 @@ impl Resolver {
                     .find(|(a, _)| a.contains(&w));
                 if let Some((_, ttl)) = held {
                     return Resolved::Addrs(vec![w], *ttl);
+                }
+                // D's family answered without D (a CDN rotating its
+                // addresses, another resolver's view): those answers are
+                // tried first anyway, so the other family is not waited for.
+                let same = if w.is_ipv4() { &r4 } else { &r6 };
+                if let Some(Some((a, ttl))) = same {
+                    if !a.is_empty() {
+                        return Resolved::Addrs(a.clone(), *ttl);
+                    }
                 }
             }
         }
