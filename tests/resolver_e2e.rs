@@ -496,21 +496,21 @@ fn resolver_files_are_configurable_and_a_loopback_resolver_is_warned_about() {
     let hosts = rw
         .world
         .write_file("ro-hosts", "192.0.2.10 hosted.example.com\n");
-    // the pod's own files say otherwise: they must not be read
-    rw.pod_etc("resolv.conf", "nameserver 127.0.0.53\n");
-    rw.pod_etc("hosts", "192.0.2.11 hosted.example.com\n");
     let extra = format!(
         "resolv_conf = \"{}\"\nhosts_file = \"{}\"\n",
         rc.display(),
         hosts.display()
     );
-    let extra = extra.replace("[redirect]", "");
     // [proxy] keys go before [redirect]
     let base = PROXY_BASE.replace("[redirect]", &format!("{extra}[redirect]"));
     let cfg = rw
         .world
         .write_file("config.toml", &format!("{base}\n{ENTRIES}"));
+    // init reads the pod's resolv.conf as it is (the real resolver)
     rw.world.init(&cfg);
+    // the pod's own files say otherwise: the proxy must not read them
+    rw.pod_etc("resolv.conf", "nameserver 127.0.0.53\n");
+    rw.pod_etc("hosts", "192.0.2.11 hosted.example.com\n");
     rw.proxy = Some(rw.world.spawn_proxy(&["run", "-c", cfg.to_str().unwrap()]));
     rw.world
         .wait_tcp(&rw.world.pod, "127.0.0.1:15001".parse().unwrap());
