@@ -443,6 +443,44 @@ mod tests {
         assert!(!new.resolved.contains(2, ip));
     }
 
+    /// The replaced generation's background resolution stops at once, not
+    /// after sleeping out its TTL (here the hosts file's 5 minutes).
+    #[tokio::test]
+    async fn a_replaced_generations_resolver_tasks_stop_at_once() {
+        use crate::registry::ResolvedAddrs;
+        let dir = std::env::temp_dir().join(format!("portcullis-retire-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let hosts = dir.join("hosts");
+        std::fs::write(&hosts, "192.0.2.10 db.example.com\n").unwrap();
+        let text = format!(
+            "[proxy]\nlisten = [\"127.0.0.1:15001\"]\naccess_log = \"off\"\nresolv_conf = \"none\"\nhosts_file = \"{}\"\n[redirect]\nproxy_uid = 1337\n[[service_entry]]\nname = \"db\"\nhosts = [\"db.example.com\"]\nports = [{{ number = 5432, protocol = \"TCP\" }}]\nresolution = \"DNS\"\n",
+            hosts.display()
+        );
+        let config = Arc::new(cfg(&text));
+        let shared = Shared::new(config.clone()).unwrap();
+        let old = shared.generation();
+        crate::proxy::spawn_tcp_resolution(shared.clone(), old.clone());
+        let ip: std::net::IpAddr = "192.0.2.10".parse().unwrap();
+        let t0 = Instant::now();
+        while !old.resolved.contains(0, ip) {
+            assert!(t0.elapsed() < Duration::from_secs(5), "never resolved");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // the task holds the map while it runs
+        assert!(Arc::strong_count(&old.resolved) > 1);
+        shared.install(Arc::new(Generation::after(config, &old)));
+        let t0 = Instant::now();
+        while Arc::strong_count(&old.resolved) > 1 {
+            assert!(
+                t0.elapsed() < Duration::from_secs(1),
+                "the old generation's resolver task is still running"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(shared.generation().resolved.contains(0, ip), "carried over");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     #[test]
     fn rerun_init_follows_the_non_tcp_filter() {
         let strict = cfg(&format!("{BASE}{API}"));
