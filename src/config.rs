@@ -155,6 +155,10 @@ pub struct ProxySettings {
     /// Who may use a non-loopback explicit listener.
     #[serde(serialize_with = "ser_display_vec")]
     pub explicit_clients: Vec<Cidr>,
+    /// Read once at start (docs/DESIGN.md §3 step 7); `None` = "none".
+    pub resolv_conf: Option<PathBuf>,
+    /// Read once at start; `None` = "none".
+    pub hosts_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -302,6 +306,8 @@ struct RawProxy {
     revoke_on_reload: Option<bool>,
     explicit_listen: Option<Spanned<Vec<String>>>,
     explicit_clients: Option<Spanned<Vec<String>>>,
+    resolv_conf: Option<Spanned<String>>,
+    hosts_file: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -781,6 +787,20 @@ fn validate_proxy(ctx: &Ctx, raw: Option<&RawProxy>) -> Result<ProxySettings, Co
         }
         Some(p) => AccessLog::File(PathBuf::from(p)),
     };
+    // "none" turns the file off; anything else is a path, read once at start.
+    let file_or_none = |v: &Option<Spanned<String>>, key: &str, default: &str| match v {
+        None => Ok(Some(PathBuf::from(default))),
+        Some(s) if s.get_ref() == "none" => Ok(None),
+        Some(s) if s.get_ref().is_empty() => Err(ctx.err(
+            s.span().start,
+            "[proxy] ",
+            key,
+            "use a file path or \"none\"",
+        )),
+        Some(s) => Ok(Some(PathBuf::from(s.get_ref()))),
+    };
+    let resolv_conf = file_or_none(&raw.resolv_conf, "resolv_conf", "/etc/resolv.conf")?;
+    let hosts_file = file_or_none(&raw.hosts_file, "hosts_file", "/etc/hosts")?;
     let settings = ProxySettings {
         listen,
         health,
@@ -821,6 +841,8 @@ fn validate_proxy(ctx: &Ctx, raw: Option<&RawProxy>) -> Result<ProxySettings, Co
         revoke_on_reload: raw.revoke_on_reload.unwrap_or(false),
         explicit_listen,
         explicit_clients,
+        resolv_conf,
+        hosts_file,
     };
     for (key, v, span) in [
         ("hello_timeout", settings.hello_timeout, &raw.hello_timeout),

@@ -176,6 +176,9 @@ fn main() -> ExitCode {
         Command::Check { config } => match load(&config) {
             Ok(cfg) => {
                 print!("{}", portcullis::explain::summary(&cfg));
+                if let Some(w) = portcullis::proxy::resolve::loopback_warning(&cfg.proxy) {
+                    println!("warning: {w}");
+                }
                 ExitCode::SUCCESS
             }
             Err(code) => code,

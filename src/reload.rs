@@ -164,6 +164,15 @@ pub fn plan(started: &Config, old: &Config, mut new: Config) -> Plan {
         restart.push("proxy.max_connections".to_string());
         b.max_connections = a.max_connections;
     }
+    // Read once at start (docs/DESIGN.md §3 step 7), never on reload.
+    if a.resolv_conf != b.resolv_conf {
+        restart.push("proxy.resolv_conf".to_string());
+        b.resolv_conf = a.resolv_conf.clone();
+    }
+    if a.hosts_file != b.hosts_file {
+        restart.push("proxy.hosts_file".to_string());
+        b.hosts_file = a.hosts_file.clone();
+    }
     let redirect_changed = started.redirect != new.redirect;
     if redirect_changed {
         restart.push("redirect".to_string());
@@ -234,7 +243,7 @@ pub fn reload(shared: &Arc<Shared>, path: &Path, why: &str) {
     let drain = effective.proxy.drain_timeout;
     let kept: HashSet<String> = effective.entries.iter().map(|e| e.name.clone()).collect();
     let entries = effective.entries.len();
-    shared.install(Arc::new(Generation::new(Arc::new(effective))));
+    shared.install(Arc::new(Generation::after(Arc::new(effective), &old)));
 
     // Revocations: earlier ones stand unless the entry came back; this
     // reload's removals are added when revoke_on_reload is set.
@@ -382,6 +391,98 @@ mod tests {
         // what may change, does
         assert_eq!(e.proxy.idle_timeout, Duration::from_secs(5));
         assert!(p.rerun_init, "[redirect] changed: the rules are stale");
+    }
+
+    #[test]
+    fn resolver_files_are_read_once_a_change_needs_a_restart() {
+        let a = cfg(&format!("{BASE}{API}"));
+        let b = cfg(&format!(
+            "[proxy]\nlisten = [\"127.0.0.1:15001\"]\nresolv_conf = \"/x/resolv.conf\"\nhosts_file = \"none\"\n[redirect]\nproxy_uid = 1337\n{API}"
+        ));
+        let p = plan(&a, &a, b);
+        assert_eq!(
+            p.restart_required,
+            ["proxy.resolv_conf", "proxy.hosts_file"]
+        );
+        assert_eq!(
+            p.effective.proxy.resolv_conf.as_deref(),
+            Some(Path::new("/etc/resolv.conf"))
+        );
+        assert_eq!(
+            p.effective.proxy.hosts_file.as_deref(),
+            Some(Path::new("/etc/hosts"))
+        );
+    }
+
+    #[test]
+    fn a_reload_carries_resolved_addresses_of_unchanged_hosts_over() {
+        use crate::registry::ResolvedAddrs;
+        let tcp = |name: &str, host: &str| {
+            format!("[[service_entry]]\nname = \"{name}\"\nhosts = [\"{host}\"]\nports = [{{ number = 5432, protocol = \"TCP\" }}]\nresolution = \"DNS\"\n")
+        };
+        let old = Generation::new(Arc::new(cfg(&format!(
+            "{BASE}{}{}",
+            tcp("db", "db.example.com"),
+            tcp("cache", "cache.example.com")
+        ))));
+        let ip: std::net::IpAddr = "192.0.2.10".parse().unwrap();
+        let ip2: std::net::IpAddr = "192.0.2.11".parse().unwrap();
+        old.resolved.set(0, &[ip]);
+        old.resolved.set(1, &[ip2]);
+        // an entry added in front (indexes move), db renamed but its hosts
+        // unchanged, cache pointed at another host
+        let new = Generation::after(
+            Arc::new(cfg(&format!(
+                "{BASE}{API}{}{}",
+                tcp("database", "db.example.com"),
+                tcp("cache", "cache2.example.com")
+            ))),
+            &old,
+        );
+        assert!(new.resolved.contains(1, ip), "db's address carried over");
+        assert!(
+            !new.resolved.contains(2, ip2),
+            "cache's hosts changed: re-resolved"
+        );
+        assert!(!new.resolved.contains(2, ip));
+    }
+
+    /// The replaced generation's background resolution stops at once, not
+    /// after sleeping out its TTL (here the hosts file's 5 minutes).
+    #[tokio::test]
+    async fn a_replaced_generations_resolver_tasks_stop_at_once() {
+        use crate::registry::ResolvedAddrs;
+        let dir = std::env::temp_dir().join(format!("portcullis-retire-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let hosts = dir.join("hosts");
+        std::fs::write(&hosts, "192.0.2.10 db.example.com\n").unwrap();
+        let text = format!(
+            "[proxy]\nlisten = [\"127.0.0.1:15001\"]\naccess_log = \"off\"\nresolv_conf = \"none\"\nhosts_file = \"{}\"\n[redirect]\nproxy_uid = 1337\n[[service_entry]]\nname = \"db\"\nhosts = [\"db.example.com\"]\nports = [{{ number = 5432, protocol = \"TCP\" }}]\nresolution = \"DNS\"\n",
+            hosts.display()
+        );
+        let config = Arc::new(cfg(&text));
+        let shared = Shared::new(config.clone()).unwrap();
+        let old = shared.generation();
+        crate::proxy::spawn_tcp_resolution(shared.clone(), old.clone());
+        let ip: std::net::IpAddr = "192.0.2.10".parse().unwrap();
+        let t0 = Instant::now();
+        while !old.resolved.contains(0, ip) {
+            assert!(t0.elapsed() < Duration::from_secs(5), "never resolved");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // the task holds the map while it runs
+        assert!(Arc::strong_count(&old.resolved) > 1);
+        shared.install(Arc::new(Generation::after(config, &old)));
+        let t0 = Instant::now();
+        while Arc::strong_count(&old.resolved) > 1 {
+            assert!(
+                t0.elapsed() < Duration::from_secs(1),
+                "the old generation's resolver task is still running"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(shared.generation().resolved.contains(0, ip), "carried over");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -401,7 +401,9 @@ pub async fn upstream_addrs(
         },
     };
     let timeout = gen.config().proxy.connect_timeout;
-    let addrs = match tokio::time::timeout(timeout, shared.dialer.candidates(&plan)).await {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let lookup = shared.dialer.candidates(&plan, &gen.registry, v, deadline);
+    let addrs = match tokio::time::timeout(timeout, lookup).await {
         Ok(Ok(a)) => a,
         Ok(Err(_)) | Err(_) => return Err(Reason::Dns),
     };

@@ -481,7 +481,9 @@ async fn connect_and_relay(
         .await;
         return;
     };
-    let (v, addrs) = match shared.dialer.candidates(&plan).await {
+    // Resolution counts inside connect_timeout (docs/DESIGN.md §3 step 7).
+    let deadline = tokio::time::Instant::now() + cfg.proxy.connect_timeout;
+    let (v, addrs) = match shared.dialer.candidates(&plan, reg, &v, deadline).await {
         Ok(a) => (v, a),
         Err(_) => {
             // The name resolves to nothing: deny `dns`, or pass to D
@@ -498,7 +500,10 @@ async fn connect_and_relay(
     flow.decided(shared, reg, &v);
     let up = match shared
         .dialer
-        .connect(&addrs, cfg.proxy.connect_timeout)
+        .connect(
+            &addrs,
+            deadline.saturating_duration_since(tokio::time::Instant::now()),
+        )
         .await
     {
         Ok(c) => c,
@@ -593,7 +598,7 @@ async fn upstream_failed(
     e: ConnectError,
     flow: &mut Flow,
 ) {
-    flow.rec.error = Some(e.as_str().to_string());
+    flow.rec.error = Some(e.to_string());
     shared
         .metrics
         .connect_errors

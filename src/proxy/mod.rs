@@ -5,6 +5,7 @@
 pub mod deny;
 pub mod explicit;
 pub mod flow;
+pub mod resolve;
 pub mod upstream;
 
 use std::collections::HashMap;
@@ -26,14 +27,35 @@ use crate::reload::{ReloadStatus, Revocation};
 use upstream::{Dialer, Resolved, Resolver};
 
 /// Addresses of DNS-resolved TCP entries, refreshed in the background.
-#[derive(Default)]
 pub struct TcpResolved {
     /// entry index -> (address, last time an answer held it)
     map: RwLock<HashMap<usize, Vec<(IpAddr, Instant)>>>,
     /// Entries whose hosts have had one resolution attempt (pass or fail).
     attempted: AtomicUsize,
-    /// Set when a reload replaced this generation: its resolver tasks stop.
-    retired: AtomicBool,
+    /// Set when a reload replaced this generation: its resolver tasks stop
+    /// at once, also in the middle of a lookup or a sleep.
+    retired: tokio::sync::watch::Sender<bool>,
+}
+
+impl Default for TcpResolved {
+    fn default() -> TcpResolved {
+        TcpResolved {
+            map: RwLock::default(),
+            attempted: AtomicUsize::new(0),
+            retired: tokio::sync::watch::Sender::new(false),
+        }
+    }
+}
+
+impl TcpResolved {
+    /// Test seam: what a resolution of `entry` found now.
+    #[cfg(test)]
+    pub(crate) fn set(&self, entry: usize, ips: &[IpAddr]) {
+        let now = Instant::now();
+        if let Ok(mut m) = self.map.write() {
+            m.insert(entry, ips.iter().map(|ip| (*ip, now)).collect());
+        }
+    }
 }
 
 /// An address that vanished from the answers is kept this long.
@@ -69,6 +91,39 @@ impl Generation {
             dns_entries,
         }
     }
+
+    /// The generation a reload installs: what `prev` knows of the
+    /// addresses of DNS TCP entries whose hosts did not change (resolved
+    /// ones and those vanished within KEEP_VANISHED) carries over, so a
+    /// reload opens no window in which their flows are denied
+    /// (docs/DESIGN.md §4 "Reload").
+    pub fn after(config: Arc<Config>, prev: &Generation) -> Generation {
+        let gen = Generation::new(config);
+        let hosts_key = |mut h: Vec<String>| {
+            h.sort();
+            h.dedup();
+            h
+        };
+        let before: HashMap<Vec<String>, usize> = prev
+            .registry
+            .dns_tcp_entries()
+            .into_iter()
+            .map(|(i, h)| (hosts_key(h), i))
+            .collect();
+        let old = match prev.resolved.map.read() {
+            Ok(m) => m.clone(),
+            Err(p) => p.into_inner().clone(),
+        };
+        if let Ok(mut m) = gen.resolved.map.write() {
+            for (i, h) in gen.registry.dns_tcp_entries() {
+                if let Some(known) = before.get(&hosts_key(h)).and_then(|j| old.get(j)) {
+                    m.insert(i, known.clone());
+                }
+            }
+        }
+        gen
+    }
+
     pub fn config(&self) -> &Config {
         &self.registry.config
     }
@@ -120,7 +175,7 @@ impl Shared {
             Ok(mut g) => std::mem::replace(&mut *g, gen.clone()),
             Err(p) => std::mem::replace(&mut *p.into_inner(), gen.clone()),
         };
-        old.resolved.retired.store(true, Ordering::Release);
+        old.resolved.retired.send_replace(true);
         spawn_tcp_resolution(self.clone(), gen);
     }
 
@@ -199,7 +254,7 @@ impl Shared {
             metrics,
             access_log,
             dialer: Dialer {
-                resolver: Resolver::new(mark),
+                resolver: Resolver::new(&config.proxy, mark),
                 own: Default::default(),
                 mark,
             },
@@ -394,11 +449,16 @@ pub fn spawn_tcp_resolution(shared: Arc<Shared>, gen: Arc<Generation>) {
         let resolved = gen.resolved.clone();
         tokio::spawn(async move {
             let mut first = true;
-            while !resolved.retired.load(Ordering::Acquire) {
+            let mut retired = resolved.retired.subscribe();
+            loop {
                 let mut ttl = Duration::from_secs(300);
                 let mut fresh: Vec<IpAddr> = Vec::new();
                 for h in &hosts {
-                    match shared.dialer.resolver.lookup(h).await {
+                    let answer = tokio::select! {
+                        a = shared.dialer.resolver.lookup(h) => a,
+                        _ = retired.wait_for(|r| *r) => return,
+                    };
+                    match answer {
                         Resolved::Addrs(a, t) => {
                             ttl = ttl.min(t);
                             fresh.extend(a);
@@ -424,8 +484,11 @@ pub fn spawn_tcp_resolution(shared: Arc<Shared>, gen: Arc<Generation>) {
                     first = false;
                     resolved.attempted.fetch_add(1, Ordering::AcqRel);
                 }
-                tokio::time::sleep(ttl.clamp(Duration::from_secs(5), Duration::from_secs(300)))
-                    .await;
+                let pause = ttl.clamp(Duration::from_secs(5), Duration::from_secs(300));
+                tokio::select! {
+                    () = tokio::time::sleep(pause) => {}
+                    _ = retired.wait_for(|r| *r) => return,
+                }
             }
         });
     }

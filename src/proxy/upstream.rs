@@ -5,186 +5,18 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use std::future::Future;
-use std::pin::Pin;
-
-use hickory_resolver::config::LookupIpStrategy;
-use hickory_resolver::net::runtime::iocompat::AsyncIoTokioAsStd;
-use hickory_resolver::net::runtime::{
-    RuntimeProvider, TokioHandle, TokioRuntimeProvider, TokioTime,
-};
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::net::TcpStream;
 
+use crate::name::HostPattern;
 use crate::net::canonical_ip;
-use crate::registry::Upstream;
+use crate::registry::{Registry, Upstream, Verdict};
 
-/// How long an answer is kept for serving stale when the resolver fails.
-const STALE_FOR: Duration = Duration::from_secs(3600);
-
-pub enum Resolved {
-    Addrs(Vec<IpAddr>, Duration),
-    /// The name has no A/AAAA records (a definitive answer).
-    NoAnswer,
-}
-
-/// hickory's tokio runtime, except that every DNS socket carries `mark`
-/// (docs/DESIGN.md §2: with mark-based exclusion, every socket of the proxy, the
-/// resolver's included, is marked).
-#[derive(Clone)]
-pub struct MarkedRuntime {
-    inner: TokioRuntimeProvider,
-    mark: Option<u32>,
-}
-
-fn marked_socket(
-    addr: SocketAddr,
-    ty: Type,
-    proto: Protocol,
-    mark: Option<u32>,
-) -> io::Result<Socket> {
-    let sock = Socket::new(
-        Domain::for_address(addr),
-        ty.nonblocking().cloexec(),
-        Some(proto),
-    )?;
-    if let Some(m) = mark {
-        sock.set_mark(m)?;
-    }
-    Ok(sock)
-}
-
-impl RuntimeProvider for MarkedRuntime {
-    type Handle = TokioHandle;
-    type Timer = TokioTime;
-    type Udp = tokio::net::UdpSocket;
-    type Tcp = AsyncIoTokioAsStd<TcpStream>;
-
-    fn create_handle(&self) -> Self::Handle {
-        self.inner.create_handle()
-    }
-
-    fn connect_tcp(
-        &self,
-        server: SocketAddr,
-        bind: Option<SocketAddr>,
-        wait_for: Option<Duration>,
-    ) -> Pin<Box<dyn Send + Future<Output = io::Result<Self::Tcp>>>> {
-        let mark = self.mark;
-        Box::pin(async move {
-            let sock = marked_socket(server, Type::STREAM, Protocol::TCP, mark)?;
-            if let Some(b) = bind {
-                sock.bind(&b.into())?;
-            }
-            sock.set_tcp_nodelay(true)?;
-            let tsock = TcpSocket::from_std_stream(std::net::TcpStream::from(sock));
-            match tokio::time::timeout(
-                wait_for.unwrap_or(Duration::from_secs(5)),
-                tsock.connect(server),
-            )
-            .await
-            {
-                Ok(r) => r.map(AsyncIoTokioAsStd),
-                Err(_) => Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    "DNS TCP connect timed out",
-                )),
-            }
-        })
-    }
-
-    fn bind_udp(
-        &self,
-        local: SocketAddr,
-        _server: SocketAddr,
-    ) -> Pin<Box<dyn Send + Future<Output = io::Result<Self::Udp>>>> {
-        let mark = self.mark;
-        Box::pin(async move {
-            let sock = marked_socket(local, Type::DGRAM, Protocol::UDP, mark)?;
-            sock.bind(&local.into())?;
-            tokio::net::UdpSocket::from_std(std::net::UdpSocket::from(sock))
-        })
-    }
-}
-
-/// A resolver whose last good answer per name survives resolver outages.
-pub struct Resolver {
-    inner: Option<hickory_resolver::Resolver<MarkedRuntime>>,
-    stale: Mutex<HashMap<String, (Vec<IpAddr>, Instant)>>,
-}
-
-impl Resolver {
-    /// Reads /etc/resolv.conf and the hosts file; `mark` goes on every
-    /// DNS socket.
-    pub fn new(mark: Option<u32>) -> Resolver {
-        let runtime = MarkedRuntime {
-            inner: TokioRuntimeProvider::default(),
-            mark,
-        };
-        let inner = hickory_resolver::Resolver::builder(runtime).and_then(|mut b| {
-            b.options_mut().ip_strategy = LookupIpStrategy::Ipv4AndIpv6;
-            b.options_mut().timeout = Duration::from_secs(2);
-            b.options_mut().attempts = 2;
-            b.build()
-        });
-        let inner = match inner {
-            Ok(r) => Some(r),
-            Err(e) => {
-                tracing::error!(error = %e, "cannot configure the DNS resolver from /etc/resolv.conf: resolution DNS entries will fail with reason dns");
-                None
-            }
-        };
-        Resolver {
-            inner,
-            stale: Mutex::new(HashMap::new()),
-        }
-    }
-
-    /// A and AAAA of `name` (looked up as an absolute name: no search
-    /// domains). The TTL-respecting cache is hickory's; on a resolver failure
-    /// the last good answer is served.
-    pub async fn lookup(&self, name: &str) -> Resolved {
-        let Some(inner) = &self.inner else {
-            return Resolved::NoAnswer;
-        };
-        let absolute = format!("{}.", name.trim_end_matches('.'));
-        match inner.lookup_ip(absolute.as_str()).await {
-            Ok(l) => {
-                let ttl = l.valid_until().saturating_duration_since(Instant::now());
-                let addrs: Vec<IpAddr> = l.iter().map(canonical_ip).collect();
-                if addrs.is_empty() {
-                    return Resolved::NoAnswer;
-                }
-                if let Ok(mut s) = self.stale.lock() {
-                    if s.len() > 100_000 {
-                        s.clear();
-                    }
-                    s.insert(name.to_string(), (addrs.clone(), Instant::now()));
-                }
-                Resolved::Addrs(addrs, ttl)
-            }
-            Err(e) => {
-                let definitive = e.is_no_records_found();
-                if !definitive {
-                    if let Ok(s) = self.stale.lock() {
-                        if let Some((addrs, at)) = s.get(name) {
-                            if at.elapsed() < STALE_FOR {
-                                tracing::warn!(name, error = %e, "resolver failed: serving the last good answer");
-                                return Resolved::Addrs(addrs.clone(), Duration::from_secs(5));
-                            }
-                        }
-                    }
-                    tracing::warn!(name, error = %e, "resolver failed");
-                }
-                Resolved::NoAnswer
-            }
-        }
-    }
-}
+pub use super::resolve::{Resolved, Resolver, Scope};
 
 /// The local addresses of the proxy's own upstream sockets, with where each
 /// one is going: a flow arriving from such an address to that destination is
@@ -228,17 +60,71 @@ pub struct Connected<'a> {
 pub enum ConnectError {
     /// The name resolved to nothing (reason `dns`).
     Dns,
-    Refused,
+    /// No upstream answered within `connect_timeout`.
     Timeout,
+    /// The last attempt failed with this error (refused, no local port,
+    /// unreachable, ...): kept so the log says which.
+    Io(io::Error),
 }
 
 impl ConnectError {
+    fn from_io(e: io::Error) -> ConnectError {
+        if e.kind() == io::ErrorKind::TimedOut {
+            ConnectError::Timeout
+        } else {
+            ConnectError::Io(e)
+        }
+    }
+
+    /// The access log's `error` token (README "Access log").
     pub fn as_str(&self) -> &'static str {
         match self {
             ConnectError::Dns => "dns",
-            ConnectError::Refused => "connect_refused",
             ConnectError::Timeout => "connect_timeout",
+            ConnectError::Io(e) => match e.raw_os_error() {
+                Some(libc::ECONNREFUSED) => "connect_refused",
+                // bind(0) or connect(2) found no free local port
+                // (net.ipv4.ip_local_port_range exhausted) or no source
+                // address: a problem on this host, not the upstream's.
+                Some(libc::EADDRNOTAVAIL) | Some(libc::EADDRINUSE) => "connect_no_local_port",
+                Some(libc::ENETUNREACH) | Some(libc::EHOSTUNREACH) | Some(libc::ENETDOWN) => {
+                    "connect_unreachable"
+                }
+                Some(libc::ECONNRESET) => "connect_reset",
+                _ => "connect_error",
+            },
         }
+    }
+}
+
+/// What the access log's `error` says: the token, and for an error without
+/// a token of its own, the system's message too.
+impl std::fmt::Display for ConnectError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ConnectError::Io(e) if self.as_str() == "connect_error" => {
+                write!(f, "connect_error: {e}")
+            }
+            _ => f.write_str(self.as_str()),
+        }
+    }
+}
+
+/// Where the resolver keeps a name of this verdict: exact hosts apart,
+/// names under a wildcard entry in that entry's bounded share.
+fn scope(reg: &Registry, v: &Verdict, name: &str) -> Scope {
+    let Some(i) = v.entry else {
+        return Scope::Wildcard(String::new());
+    };
+    let e = reg.entry(i);
+    let exact = e
+        .hosts
+        .iter()
+        .any(|h| matches!(h, HostPattern::Exact(x) if x == name));
+    if exact {
+        Scope::Exact
+    } else {
+        Scope::Wildcard(e.name.clone())
     }
 }
 
@@ -250,26 +136,45 @@ pub struct Dialer {
 
 impl Dialer {
     /// The candidate addresses of a plan, in the order to try them.
-    pub async fn candidates(&self, plan: &Upstream) -> Result<Vec<SocketAddr>, ConnectError> {
+    /// Resolution counts inside `connect_timeout` (`deadline` is the flow's
+    /// end of it): it may take three quarters of what is left, then gives
+    /// up with what has come (stale answers included), so connecting to
+    /// them still has time.
+    pub async fn candidates(
+        &self,
+        plan: &Upstream,
+        reg: &Registry,
+        v: &Verdict,
+        deadline: tokio::time::Instant,
+    ) -> Result<Vec<SocketAddr>, ConnectError> {
         match plan {
             Upstream::Original(a) => Ok(vec![*a]),
             Upstream::Static(v) => Ok(v.clone()),
-            Upstream::Resolve { name, port, dst } => match self.resolver.lookup(name).await {
-                Resolved::NoAnswer => Err(ConnectError::Dns),
-                Resolved::Addrs(addrs, _) => {
-                    let dst_ip = canonical_ip(dst.ip());
-                    if addrs.contains(&dst_ip) {
-                        // The client dialled what the name resolves to.
-                        return Ok(vec![SocketAddr::new(dst_ip, *port)]);
+            Upstream::Resolve { name, port, dst } => {
+                let dst_ip = canonical_ip(dst.ip());
+                let scope = scope(reg, v, name);
+                let now = tokio::time::Instant::now();
+                let until = now + deadline.saturating_duration_since(now) * 3 / 4;
+                match self
+                    .resolver
+                    .resolve(name, &scope, Some(dst_ip), Some(until))
+                    .await
+                {
+                    Resolved::NoAnswer => Err(ConnectError::Dns),
+                    Resolved::Addrs(addrs, _) => {
+                        if addrs.contains(&dst_ip) {
+                            // The client dialled what the name resolves to.
+                            return Ok(vec![SocketAddr::new(dst_ip, *port)]);
+                        }
+                        // A client presenting an allowed name while dialling
+                        // some other IP reaches only what the name resolves to.
+                        let mut v: Vec<SocketAddr> =
+                            addrs.iter().map(|ip| SocketAddr::new(*ip, *port)).collect();
+                        v.sort_by_key(|a| a.is_ipv4() != dst_ip.is_ipv4());
+                        Ok(v)
                     }
-                    // A client presenting an allowed name while dialling
-                    // some other IP reaches only what the name resolves to.
-                    let mut v: Vec<SocketAddr> =
-                        addrs.iter().map(|ip| SocketAddr::new(*ip, *port)).collect();
-                    v.sort_by_key(|a| a.is_ipv4() != dst_ip.is_ipv4());
-                    Ok(v)
                 }
-            },
+            }
         }
     }
 
@@ -280,7 +185,7 @@ impl Dialer {
         timeout: Duration,
     ) -> Result<Connected<'_>, ConnectError> {
         let deadline = tokio::time::Instant::now() + timeout;
-        let mut last = ConnectError::Refused;
+        let mut last = ConnectError::Timeout;
         for (i, addr) in addrs.iter().enumerate() {
             let now = tokio::time::Instant::now();
             if now >= deadline {
@@ -291,8 +196,10 @@ impl Dialer {
             let share = if i + 1 < addrs.len() { left / 2 } else { left };
             match self.connect_one(*addr, share).await {
                 Ok(c) => return Ok(c),
-                Err(e) if e.kind() == io::ErrorKind::TimedOut => last = ConnectError::Timeout,
-                Err(_) => last = ConnectError::Refused,
+                Err(e) => {
+                    tracing::debug!(upstream = %addr, error = %e, "connect failed");
+                    last = ConnectError::from_io(e);
+                }
             }
         }
         Err(last)

@@ -314,8 +314,8 @@ impl Conn {
                     let _ = tx.send(Ok((sender, addr)));
                     let _ = conn.await;
                 }
-                Err(_) => {
-                    let _ = tx.send(Err(ConnectError::Refused));
+                Err(e) => {
+                    let _ = tx.send(Err(ConnectError::Io(std::io::Error::other(e))));
                 }
             }
         });
