@@ -1680,22 +1680,27 @@ n, host, port, hold = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), float(sys
 resource.setrlimit(resource.RLIMIT_NOFILE, (n + 64, n + 64))
 fam = socket.AF_INET6 if ":" in host else socket.AF_INET
 socks = []
-for _ in range(n):
-    s = socket.socket(fam, socket.SOCK_STREAM)
-    s.setblocking(False)
-    try:
-        s.connect((host, port))
-    except BlockingIOError:
-        pass
-    socks.append(s)
-poll = select.poll()
-for s in socks:
-    poll.register(s, select.POLLOUT)
-pending, deadline = len(socks), time.time() + 10
-while pending and time.time() < deadline:
-    for fd, _ in poll.poll(500):
-        poll.unregister(fd)
-        pending -= 1
+# In batches, each settled (connected or reset) before the next, so the
+# listen backlog never overflows into SYN retries on a loaded machine.
+for start in range(0, n, 100):
+    batch = []
+    for _ in range(min(100, n - start)):
+        s = socket.socket(fam, socket.SOCK_STREAM)
+        s.setblocking(False)
+        try:
+            s.connect((host, port))
+        except BlockingIOError:
+            pass
+        batch.append(s)
+    poll = select.poll()
+    for s in batch:
+        poll.register(s, select.POLLOUT)
+    pending, deadline = len(batch), time.time() + 30
+    while pending and time.time() < deadline:
+        for fd, _ in poll.poll(500):
+            poll.unregister(fd)
+            pending -= 1
+    socks.extend(batch)
 print("FLOODED", flush=True)
 
 def is_open(s):
