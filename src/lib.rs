@@ -10,7 +10,8 @@
 //!   `reload` swaps it at run time; `admin` serves health, metrics, config
 //!   and the recently denied flows; `server` is `portcullis run`.
 //! - `name`, `net`: names and addresses as every stage sees them;
-//! - `explain`: the decision rendered for an operator.
+//! - `explain`: the decision rendered for an operator;
+//! - `import`: Istio ServiceEntry YAML to entries (`portcullis import`, `include`).
 
 pub mod access_log;
 pub mod admin;
@@ -18,6 +19,7 @@ pub mod config;
 pub mod detect;
 pub mod explain;
 pub mod host_mode;
+pub mod import;
 pub mod init;
 pub mod metrics;
 pub mod name;

@@ -8,6 +8,11 @@
 //! over the old one, which changes the inode the path leads to, so it is seen
 //! like an edit in place. One task owns both triggers and the fingerprint of
 //! the file as last read, so a SIGHUP after an edit does not reload twice.
+//!
+//! Included files (`include`) are watched the same way: each tick the
+//! patterns are matched again in their directories and every match is
+//! fingerprinted, so an included ConfigMap's `..data` swap, a file added or a
+//! file removed triggers a reload like an edit of the config file.
 
 use std::collections::{HashMap, HashSet};
 use std::os::unix::fs::MetadataExt;
@@ -75,17 +80,40 @@ pub fn fingerprint(path: &Path) -> Option<Fingerprint> {
     })
 }
 
+/// Everything a reload reads: the config file and each file its `include`
+/// patterns match now (patterns read leniently, so an invalid config file
+/// still has its includes watched).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WatchState {
+    config: Option<Fingerprint>,
+    included: Vec<(PathBuf, Option<Fingerprint>)>,
+}
+
+pub fn watch_state(path: &Path) -> WatchState {
+    let config = fingerprint(path);
+    let mut included = Vec::new();
+    for pattern in crate::config::include_patterns(path) {
+        if let Ok(files) = crate::config::include_matches(path, &pattern) {
+            included.extend(files.into_iter().map(|f| {
+                let fp = fingerprint(&f);
+                (f, fp)
+            }));
+        }
+    }
+    WatchState { config, included }
+}
+
 const POLL: Duration = Duration::from_secs(1);
 /// A changed file must stay unchanged this long before it is read, so a
 /// writer caught half-way is not reported as an invalid config.
 const SETTLE: Duration = Duration::from_millis(200);
 
 /// Starts the reload task; returns the sender SIGHUP uses. `loaded` is the
-/// fingerprint taken before the running config was read.
+/// state taken before the running config was read.
 pub fn spawn_watcher(
     shared: Arc<Shared>,
     path: PathBuf,
-    loaded: Option<Fingerprint>,
+    loaded: WatchState,
 ) -> mpsc::Sender<Trigger> {
     let (tx, mut rx) = mpsc::channel::<Trigger>(8);
     tokio::spawn(async move {
@@ -104,19 +132,22 @@ pub fn spawn_watcher(
                     Some(Trigger::FileChanged) => "file changed",
                 },
                 _ = tick.tick() => {
-                    let now = fingerprint(&path);
-                    if now.is_none() || now == last {
+                    let now = watch_state(&path);
+                    if now.config.is_none() || now == last {
                         continue;
                     }
                     tokio::time::sleep(SETTLE).await;
-                    if fingerprint(&path) != now {
+                    if watch_state(&path) != now {
                         continue; // still being written: look again next tick
                     }
                     "file changed"
                 }
             };
             // Taken before reading: a change made after it is seen next tick.
-            last = fingerprint(&path).or(last);
+            let now = watch_state(&path);
+            if now.config.is_some() {
+                last = now;
+            }
             reload(&shared, &path, why);
         }
     });
