@@ -161,12 +161,67 @@ pub(crate) fn parse_yaml(file: &str, text: &str) -> Result<Vec<Node>, ImportErro
             message: format!("larger than {} MiB", MAX_INPUT >> 20),
         });
     }
+    check_depth(file, text)?;
     let docs = MarkedYaml::load_from_str(text).map_err(|e| ImportError::NotYaml {
         file: file.into(),
         line: e.marker().line().max(1),
         message: e.info().to_string(),
     })?;
     Ok(docs.iter().map(|d| reduce(d, 0)).collect())
+}
+
+/// Kubernetes objects nest about a dozen levels; a tree deeper than this is
+/// refused before it is built (building, and dropping, a tree recurses).
+const MAX_DEPTH: usize = 64;
+
+/// Walks the event stream (no tree) and refuses nesting deeper than
+/// `MAX_DEPTH`, counting what an alias would expand to.
+fn check_depth(file: &str, text: &str) -> Result<(), ImportError> {
+    use saphyr_parser::{Event, Parser};
+    let mut stack: Vec<(usize, usize)> = Vec::new(); // (anchor, deepest child)
+    let mut heights: std::collections::HashMap<usize, usize> = Default::default();
+    let too_deep = |line: usize| ImportError::NotYaml {
+        file: file.into(),
+        line: line.max(1),
+        message: format!("nested deeper than {MAX_DEPTH} levels (not a Kubernetes manifest)"),
+    };
+    for ev in Parser::new_from_str(text) {
+        let (ev, span) = ev.map_err(|e| ImportError::NotYaml {
+            file: file.into(),
+            line: e.marker().line().max(1),
+            message: e.info().to_string(),
+        })?;
+        match ev {
+            Event::SequenceStart(anchor, _) | Event::MappingStart(anchor, _) => {
+                stack.push((anchor, 0));
+                if stack.len() > MAX_DEPTH {
+                    return Err(too_deep(span.start.line()));
+                }
+            }
+            Event::SequenceEnd | Event::MappingEnd => {
+                if let Some((anchor, h)) = stack.pop() {
+                    let h = h + 1;
+                    if anchor > 0 {
+                        heights.insert(anchor, h);
+                    }
+                    if let Some(top) = stack.last_mut() {
+                        top.1 = top.1.max(h);
+                    }
+                }
+            }
+            Event::Alias(id) => {
+                let h = heights.get(&id).copied().unwrap_or(0);
+                if stack.len() + h > MAX_DEPTH {
+                    return Err(too_deep(span.start.line()));
+                }
+                if let Some(top) = stack.last_mut() {
+                    top.1 = top.1.max(h);
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 // ---------------------------------------------------------------- objects
@@ -283,6 +338,28 @@ pub struct Outcome {
 }
 
 impl Outcome {
+    /// Kubernetes holds one object per namespace/name: where the input has
+    /// several (the same manifest in two files), the last one read is kept,
+    /// as `kubectl apply -f a -f b` would leave it; the others are commented out.
+    pub fn dedupe(&mut self) {
+        let n = self.entries.len();
+        for i in 0..n {
+            let later = (i + 1..n).find(|&j| self.entries[j].name == self.entries[i].name);
+            if let Some(j) = later {
+                let at = format!("{}:{}", self.entries[j].file, self.entries[j].line);
+                let e = &mut self.entries[i];
+                if e.refused.is_none() {
+                    e.draft = e.tables.iter().map(|t| t.body.clone()).collect();
+                    e.tables.clear();
+                }
+                e.refused = Some(format!(
+                    "ServiceEntry {} appears again at {at}, which is kept (as `kubectl apply` keeps the last)",
+                    e.name
+                ));
+            }
+        }
+    }
+
     pub fn policy(&self) -> &'static str {
         // Fail closed: absent, or any source saying REGISTRY_ONLY.
         if !self.modes.is_empty() && self.modes.iter().all(|(m, _)| m == "ALLOW_ANY") {
@@ -1008,9 +1085,25 @@ mod tests {
     }
 
     #[test]
-    fn deep_nesting_does_not_crash() {
-        let deep = "[".repeat(100_000);
-        let mut out = Outcome::default();
-        let _ = convert_file("x.yaml", &deep, &Options::default(), &mut out);
+    fn deep_nesting_is_refused_not_a_crash() {
+        let mut inputs = vec![
+            "[".repeat(100_000),
+            format!("{}{}", "[".repeat(5000), "]".repeat(5000)),
+            (0..3000)
+                .map(|i| format!("{}a:", "  ".repeat(i)))
+                .collect::<Vec<_>>()
+                .join("\n"),
+        ];
+        // aliases nesting deeper than their events show
+        let mut chain = String::from("a0: &a0 [x]\n");
+        for i in 1..200 {
+            chain.push_str(&format!("a{i}: &a{i} [*a{}]\n", i - 1));
+        }
+        inputs.push(chain);
+        for text in inputs {
+            let mut out = Outcome::default();
+            let e = convert_file("x.yaml", &text, &Options::default(), &mut out).unwrap_err();
+            assert!(e.to_string().starts_with("x.yaml:"), "{e}");
+        }
     }
 }

@@ -111,6 +111,7 @@ fn import(files: &[PathBuf], namespace: Option<String>) -> ExitCode {
         }
         sources.push(shown);
     }
+    out.dedupe();
     for w in import::warnings(&out) {
         eprintln!("portcullis import: warning: {w}");
     }

@@ -204,6 +204,16 @@ fn exit_1_with_file_and_line() {
 }
 
 #[test]
+fn the_same_object_twice_keeps_the_last() {
+    let f = format!("{FIXTURES}/egress-docs.yaml");
+    let (code, out, err) = portcullis(&["import", &f, &f]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("# NOT IMPORTED: ServiceEntry default/api-external appears again at tests/fixtures/istio/egress-docs.yaml:18, which is kept"), "{out}");
+    assert_eq!(out.matches("\nname = \"default/api-external\"").count(), 1, "{out}");
+    check_accepts("twice", &out);
+}
+
+#[test]
 fn stdin_is_read_for_dash() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let yaml = std::fs::read_to_string(root.join(FIXTURES).join("egress-docs.yaml")).unwrap();
