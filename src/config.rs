@@ -1141,70 +1141,6 @@ pub fn check_self_exclusion(
     ))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
-        assert_eq!(parse_duration("5s").unwrap(), Duration::from_secs(5));
-        assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
-        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
-        assert_eq!(parse_duration("1h").unwrap(), Duration::from_secs(3600));
-        assert!(parse_duration("5").is_err());
-        assert!(parse_duration("5d").is_err());
-        assert!(parse_duration("s").is_err());
-        assert!(parse_duration("0.0001s").is_err());
-        assert_eq!(parse_duration("0.0015s").unwrap(), Duration::from_millis(2));
-        assert_eq!(format_duration(Duration::from_millis(200)), "200ms");
-        assert_eq!(format_duration(Duration::from_secs(3600)), "1h");
-    }
-
-    #[test]
-    fn defaults() {
-        let c = Config::parse(Path::new("t.toml"), "").unwrap();
-        assert_eq!(c.outbound_traffic_policy, Policy::RegistryOnly);
-        assert_eq!(c.proxy.max_connections, MaxConnections::Auto);
-        assert_eq!(c.redirect.proxy_port, 15001);
-        assert_eq!(c.redirect.proxy_uid, 1337);
-        assert_eq!(c.proxy.first_byte_timeout, Duration::from_millis(200));
-        assert_eq!(
-            c.redirect.allow_udp,
-            vec![UdpAllow {
-                ports: vec![53],
-                cidrs: vec![]
-            }]
-        );
-    }
-
-    #[test]
-    fn resolution_defaults_and_lines() {
-        let src = "\n[[service_entry]]\nhosts = [\"a.example.com\"]\nports = [{ number = 443, protocol = \"HTTPS\" }]\n\n[[service_entry]]\nname = \"db\"\naddresses = [\"192.0.2.0/24\"]\nports = [{ number = 5432, protocol = \"TCP\" }]\n";
-        let c = Config::parse(Path::new("t.toml"), src).unwrap();
-        assert_eq!(c.entries[0].resolution, Resolution::Dns);
-        assert_eq!(c.entries[0].ports[0].protocol, PortProtocol::Tls);
-        assert_eq!(c.entries[0].line, 2);
-        assert_eq!(c.entries[0].name, "a.example.com");
-        assert_eq!(c.entries[1].resolution, Resolution::None);
-        assert_eq!(c.entries[1].line, 6);
-    }
-
-    #[test]
-    fn self_exclusion() {
-        let c = Config::parse(
-            Path::new("t.toml"),
-            "[redirect]\nproxy_uid = 1337\nproxy_gid = 1337\nmark = 0x539\n",
-        )
-        .unwrap();
-        assert!(check_self_exclusion(&c.redirect, 1337, 1337, false).is_ok());
-        assert!(check_self_exclusion(&c.redirect, 1337, 1000, false).is_err());
-        assert!(check_self_exclusion(&c.redirect, 0, 0, true).is_ok());
-        let e = check_self_exclusion(&c.redirect, 1000, 1000, false).unwrap_err();
-        assert!(e.contains("uid 1337 and gid 1337"), "{e}");
-    }
-}
-
 // ---------------------------------------------------------------- include
 
 /// The files an `include` pattern matches now, sorted. Patterns are relative
@@ -1254,10 +1190,7 @@ pub fn include_patterns(path: &Path) -> Vec<String> {
 }
 
 fn is_yaml(p: &Path) -> bool {
-    matches!(
-        p.extension().and_then(|e| e.to_str()),
-        Some("yaml" | "yml")
-    )
+    matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml"))
 }
 
 /// Reads every included file into `entries`: TOML fragments through the same
@@ -1410,4 +1343,68 @@ fn include_yaml(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("5s").unwrap(), Duration::from_secs(5));
+        assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert_eq!(parse_duration("1h").unwrap(), Duration::from_secs(3600));
+        assert!(parse_duration("5").is_err());
+        assert!(parse_duration("5d").is_err());
+        assert!(parse_duration("s").is_err());
+        assert!(parse_duration("0.0001s").is_err());
+        assert_eq!(parse_duration("0.0015s").unwrap(), Duration::from_millis(2));
+        assert_eq!(format_duration(Duration::from_millis(200)), "200ms");
+        assert_eq!(format_duration(Duration::from_secs(3600)), "1h");
+    }
+
+    #[test]
+    fn defaults() {
+        let c = Config::parse(Path::new("t.toml"), "").unwrap();
+        assert_eq!(c.outbound_traffic_policy, Policy::RegistryOnly);
+        assert_eq!(c.proxy.max_connections, MaxConnections::Auto);
+        assert_eq!(c.redirect.proxy_port, 15001);
+        assert_eq!(c.redirect.proxy_uid, 1337);
+        assert_eq!(c.proxy.first_byte_timeout, Duration::from_millis(200));
+        assert_eq!(
+            c.redirect.allow_udp,
+            vec![UdpAllow {
+                ports: vec![53],
+                cidrs: vec![]
+            }]
+        );
+    }
+
+    #[test]
+    fn resolution_defaults_and_lines() {
+        let src = "\n[[service_entry]]\nhosts = [\"a.example.com\"]\nports = [{ number = 443, protocol = \"HTTPS\" }]\n\n[[service_entry]]\nname = \"db\"\naddresses = [\"192.0.2.0/24\"]\nports = [{ number = 5432, protocol = \"TCP\" }]\n";
+        let c = Config::parse(Path::new("t.toml"), src).unwrap();
+        assert_eq!(c.entries[0].resolution, Resolution::Dns);
+        assert_eq!(c.entries[0].ports[0].protocol, PortProtocol::Tls);
+        assert_eq!(c.entries[0].line, 2);
+        assert_eq!(c.entries[0].name, "a.example.com");
+        assert_eq!(c.entries[1].resolution, Resolution::None);
+        assert_eq!(c.entries[1].line, 6);
+    }
+
+    #[test]
+    fn self_exclusion() {
+        let c = Config::parse(
+            Path::new("t.toml"),
+            "[redirect]\nproxy_uid = 1337\nproxy_gid = 1337\nmark = 0x539\n",
+        )
+        .unwrap();
+        assert!(check_self_exclusion(&c.redirect, 1337, 1337, false).is_ok());
+        assert!(check_self_exclusion(&c.redirect, 1337, 1000, false).is_err());
+        assert!(check_self_exclusion(&c.redirect, 0, 0, true).is_ok());
+        let e = check_self_exclusion(&c.redirect, 1000, 1000, false).unwrap_err();
+        assert!(e.contains("uid 1337 and gid 1337"), "{e}");
+    }
 }

@@ -171,7 +171,14 @@ pub fn explain(cfg: Arc<Config>, dst: SocketAddr, sni: Option<&str>, host: Optio
         .entries
         .iter()
         .filter_map(|e| e.port(dst.port()).map(|p| (e, p)))
-        .map(|(e, p)| format!("{} ({} {})", e.name, p.protocol.as_str(), e.origin(&cfg.path)))
+        .map(|(e, p)| {
+            format!(
+                "{} ({} {})",
+                e.name,
+                p.protocol.as_str(),
+                e.origin(&cfg.path)
+            )
+        })
         .collect();
     if verdict.entry.is_none() {
         if candidates.is_empty() {

@@ -558,9 +558,7 @@ fn istio_protocol(p: &Node) -> Option<String> {
         "http", "https", "tls", "tcp", "http2", "grpc", "grpc-web", "mongo", "mysql", "redis",
         "udp",
     ];
-    known
-        .contains(&prefix)
-        .then(|| prefix.to_ascii_uppercase())
+    known.contains(&prefix).then(|| prefix.to_ascii_uppercase())
 }
 
 fn convert_entry(o: &Object, opts: &Options) -> Converted {
@@ -785,7 +783,10 @@ fn convert_spec(spec: &Node, name: &str, notes: &mut Vec<String>) -> Result<Vec<
             endpoints.clear();
         }
         "DNS" if !endpoints.is_empty() => {
-            notes.push("resolution DNS with IP endpoints: Istio connects to those IPs; imported as STATIC".into());
+            notes.push(
+                "resolution DNS with IP endpoints: Istio connects to those IPs; imported as STATIC"
+                    .into(),
+            );
             resolution = "STATIC";
         }
         "STATIC" if endpoints.is_empty() => {
@@ -799,14 +800,15 @@ fn convert_spec(spec: &Node, name: &str, notes: &mut Vec<String>) -> Result<Vec<
         notes.push("Istio's resolution NONE (its default) sends the flow to whatever IP the client dialled; imported as resolution DNS: the proxy resolves the presented name and connects there, never trusting the client's choice of IP".into());
         resolution = "DNS";
     }
-    if !addresses.is_empty()
-        && ports.iter().any(|p| p.proto == Proto::Http)
-        && resolution != "NONE"
+    if !addresses.is_empty() && ports.iter().any(|p| p.proto == Proto::Http) && resolution != "NONE"
     {
         notes.push("addresses on an HTTP port: Istio matches HTTP by Host alone, portcullis also requires the destination IP in `addresses`".into());
     }
     if resolution == "DNS" {
-        for p in ports.iter().filter(|p| p.target.is_some_and(|t| t != p.number)) {
+        for p in ports
+            .iter()
+            .filter(|p| p.target.is_some_and(|t| t != p.number))
+        {
             notes.push(format!(
                 "port {} has targetPort {}: portcullis connects to the port the client dialled ({}); point the client at {} or use STATIC endpoints",
                 p.number,
@@ -895,7 +897,11 @@ fn convert_spec(spec: &Node, name: &str, notes: &mut Vec<String>) -> Result<Vec<
 
     let all: Vec<&PortIn> = ports.iter().collect();
     // Refused with the entry as it would read, for the operator to complete.
-    let draft = render(name, &all, &endpoints.iter().map(|e| (e.ip, None)).collect::<Vec<_>>());
+    let draft = render(
+        name,
+        &all,
+        &endpoints.iter().map(|e| (e.ip, None)).collect::<Vec<_>>(),
+    );
     let refuse = |why: String| format!("{why}\n{draft}");
     let tcp: Vec<u16> = ports
         .iter()
@@ -935,7 +941,9 @@ fn convert_spec(spec: &Node, name: &str, notes: &mut Vec<String>) -> Result<Vec<
         .iter()
         .map(|p| endpoints.iter().map(|e| (e.ip, ep_port(e, p))).collect())
         .collect();
-    let uniform = per_port.iter().all(|v| v.iter().all(|(_, port)| port.is_none()))
+    let uniform = per_port
+        .iter()
+        .all(|v| v.iter().all(|(_, port)| port.is_none()))
         || (ports.len() == 1);
     if uniform {
         return Ok(vec![Table {
@@ -1014,7 +1022,11 @@ pub fn render_config(sources: &[String], out: &Outcome) -> String {
         }
         match &e.refused {
             Some(why) => {
-                let then = if e.draft.is_empty() { "" } else { "; then uncomment" };
+                let then = if e.draft.is_empty() {
+                    ""
+                } else {
+                    "; then uncomment"
+                };
                 let _ = writeln!(s, "# NOT IMPORTED: {why}{then}.");
                 let _ = writeln!(s, "# [[service_entry]]");
                 if e.draft.is_empty() {

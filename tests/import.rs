@@ -92,7 +92,10 @@ fn every_fixture_matches_its_golden_and_check_accepts_it() {
         let a: Vec<&str> = a.iter().map(String::as_str).collect();
         let (code, out, err) = portcullis(&a);
         assert_eq!(code, 0, "{name}: {err}");
-        let golden = root.join(FIXTURES).join("golden").join(format!("{name}.toml"));
+        let golden = root
+            .join(FIXTURES)
+            .join("golden")
+            .join(format!("{name}.toml"));
         if update {
             std::fs::write(&golden, &out).unwrap();
         } else {
@@ -104,10 +107,7 @@ fn every_fixture_matches_its_golden_and_check_accepts_it() {
         }
         // check accepts it, with exactly the uncommented tables
         let summary = check_accepts(name, &out);
-        let tables = out
-            .lines()
-            .filter(|l| *l == "[[service_entry]]")
-            .count();
+        let tables = out.lines().filter(|l| *l == "[[service_entry]]").count();
         assert!(tables > 0, "{name}");
         assert!(
             summary.contains(&format!("service entries: {tables}\n")),
@@ -115,7 +115,10 @@ fn every_fixture_matches_its_golden_and_check_accepts_it() {
         );
         // never a catch-all address the source did not list
         for l in out.lines().filter(|l| l.contains("addresses = ")) {
-            assert!(!l.contains("0.0.0.0/0") && !l.contains("::/0"), "{name}: {l}");
+            assert!(
+                !l.contains("0.0.0.0/0") && !l.contains("::/0"),
+                "{name}: {l}"
+            );
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
@@ -129,7 +132,10 @@ fn mapping_follows_istio_where_portcullis_has_it() {
     assert!(out.contains("name = \"data/external-mongo\"\nhosts = [\"mymongodb.somedomain\"]\nports = [{ number = 27018, name = \"mongodb\", protocol = \"TCP\" }]\nresolution = \"STATIC\"\naddresses = [\"192.0.2.10/32\"]\nendpoints = [{ address = \"198.51.100.2\", port = 27017 }, { address = \"198.51.100.3\" }]\nlocation = \"MESH_INTERNAL\""), "{out}");
     // STATIC endpoints on other ports per service port: one table per port
     assert!(out.contains("name = \"data/billing-static:443\""), "{out}");
-    assert!(out.contains("endpoints = [{ address = \"198.51.100.30\", port = 8080 }]"), "{out}");
+    assert!(
+        out.contains("endpoints = [{ address = \"198.51.100.30\", port = 8080 }]"),
+        "{out}"
+    );
     // NONE with addresses stays NONE
     assert!(out.contains("name = \"data/mysql-range\"\nhosts = [\"mysql.example.com\"]\nports = [{ number = 3306, name = \"tcp-mysql\", protocol = \"TCP\" }]\nresolution = \"NONE\"\naddresses = [\"203.0.113.0/28\"]"), "{out}");
 
@@ -140,24 +146,45 @@ fn mapping_follows_istio_where_portcullis_has_it() {
     let c = cfg.to_str().unwrap();
     let (code, e, err) = portcullis(&["explain", "-c", c, "--dst", "192.0.2.10:27018"]);
     assert_eq!(code, 0, "{err}");
-    assert!(e.contains("decision: allow") && e.contains("entry: data/external-mongo ("), "{e}");
+    assert!(
+        e.contains("decision: allow") && e.contains("entry: data/external-mongo ("),
+        "{e}"
+    );
     assert!(e.contains("198.51.100.2:27017, 198.51.100.3:27018"), "{e}");
     let (_, e, _) = portcullis(&["explain", "-c", c, "--dst", "192.0.2.99:27018"]);
     assert!(e.contains("decision: deny"), "{e}");
     let (_, e, _) = portcullis(&[
-        "explain", "-c", c, "--dst", "198.51.100.30:443", "--sni", "billing.example.com",
+        "explain",
+        "-c",
+        c,
+        "--dst",
+        "198.51.100.30:443",
+        "--sni",
+        "billing.example.com",
     ]);
     assert!(e.contains("upstream: 198.51.100.30:8443"), "{e}");
 
     // resolution NONE (Istio's default) on TLS without addresses: the proxy
     // resolves the presented name instead of trusting the dialled IP
     let (_, out, _) = portcullis(&["import", &format!("{FIXTURES}/list.yaml")]);
-    assert!(out.contains("# note: Istio's resolution NONE (its default)"), "{out}");
+    assert!(
+        out.contains("# note: Istio's resolution NONE (its default)"),
+        "{out}"
+    );
     std::fs::write(&cfg, &out).unwrap();
     let (_, e, _) = portcullis(&[
-        "explain", "-c", c, "--dst", "198.51.100.99:443", "--sni", "en.wikipedia.org",
+        "explain",
+        "-c",
+        c,
+        "--dst",
+        "198.51.100.99:443",
+        "--sni",
+        "en.wikipedia.org",
     ]);
-    assert!(e.contains("entry: team-a/wikipedia") && e.contains("would resolve en.wikipedia.org"), "{e}");
+    assert!(
+        e.contains("entry: team-a/wikipedia") && e.contains("would resolve en.wikipedia.org"),
+        "{e}"
+    );
     let _ = std::fs::remove_dir_all(&d);
 }
 
@@ -169,14 +196,30 @@ fn refused_entries_are_commented_out_with_reason_and_draft() {
         &format!("{FIXTURES}/egress-docs.yaml"),
     ]);
     assert_eq!(code, 0, "{err}");
-    assert!(out.contains("# NOT IMPORTED: opaque TCP port 27017 with no addresses"), "{out}");
-    assert!(out.contains("# [[service_entry]]\n# name = \"data/mongo-any\"\n# hosts = [\"mongo.example.com\"]"), "{out}");
-    assert!(out.contains("# NOT IMPORTED: host `*` matches every name"), "{out}");
     assert!(
-        err.contains("tests/fixtures/istio/unsafe.yaml:2: ServiceEntry data/mongo-any not imported"),
+        out.contains("# NOT IMPORTED: opaque TCP port 27017 with no addresses"),
+        "{out}"
+    );
+    assert!(
+        out.contains(
+            "# [[service_entry]]\n# name = \"data/mongo-any\"\n# hosts = [\"mongo.example.com\"]"
+        ),
+        "{out}"
+    );
+    assert!(
+        out.contains("# NOT IMPORTED: host `*` matches every name"),
+        "{out}"
+    );
+    assert!(
+        err.contains(
+            "tests/fixtures/istio/unsafe.yaml:2: ServiceEntry data/mongo-any not imported"
+        ),
         "{err}"
     );
-    assert!(err.contains("skipped: DestinationRule default/api-external"), "{err}");
+    assert!(
+        err.contains("skipped: DestinationRule default/api-external"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -185,7 +228,10 @@ fn exit_1_with_file_and_line() {
     let (code, out, err) = portcullis(&["import", &format!("{FIXTURES}/bad.yaml")]);
     assert_eq!(code, 1);
     assert!(out.is_empty(), "{out}");
-    assert!(err.contains("tests/fixtures/istio/bad.yaml:7: not YAML"), "{err}");
+    assert!(
+        err.contains("tests/fixtures/istio/bad.yaml:7: not YAML"),
+        "{err}"
+    );
     // nothing converted: only refused entries, or no ServiceEntry at all
     for f in ["unsafe.yaml", "not-istio.yaml"] {
         let (code, out, err) = portcullis(&["import", &format!("{FIXTURES}/{f}")]);
@@ -209,7 +255,11 @@ fn the_same_object_twice_keeps_the_last() {
     let (code, out, err) = portcullis(&["import", &f, &f]);
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("# NOT IMPORTED: ServiceEntry default/api-external appears again at tests/fixtures/istio/egress-docs.yaml:18, which is kept"), "{out}");
-    assert_eq!(out.matches("\nname = \"default/api-external\"").count(), 1, "{out}");
+    assert_eq!(
+        out.matches("\nname = \"default/api-external\"").count(),
+        1,
+        "{out}"
+    );
     check_accepts("twice", &out);
 }
 
@@ -220,20 +270,36 @@ fn stdin_is_read_for_dash() {
     let (code, out, err) = portcullis_in(root, &["import", "-"], Some(&yaml));
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("#   -\n"), "{out}");
-    assert!(out.contains("# ServiceEntry default/api-external (-:18, networking.istio.io/v1beta1)"), "{out}");
+    assert!(
+        out.contains("# ServiceEntry default/api-external (-:18, networking.istio.io/v1beta1)"),
+        "{out}"
+    );
     check_accepts("stdin", &out);
     let (code, _, err) = portcullis_in(root, &["import", "-"], Some("a: [b\n"));
     assert_eq!(code, 1);
-    assert!(err.contains("-:2: not YAML") || err.contains("-:1: not YAML"), "{err}");
+    assert!(
+        err.contains("-:2: not YAML") || err.contains("-:1: not YAML"),
+        "{err}"
+    );
 }
 
 #[test]
 fn namespace_applies_export_to() {
-    let (_, a, err) = portcullis(&["import", "--namespace", "team-a", &format!("{FIXTURES}/list.yaml")]);
+    let (_, a, err) = portcullis(&[
+        "import",
+        "--namespace",
+        "team-a",
+        &format!("{FIXTURES}/list.yaml"),
+    ]);
     assert!(a.contains("name = \"team-a/team-a-only\""), "{a}");
     assert!(!a.contains("name = \"team-a/for-team-b\""), "{a}");
     assert!(err.contains("ServiceEntry team-a/for-team-b is not visible in namespace team-a (exportTo: [team-b])"), "{err}");
-    let (_, b, _) = portcullis(&["import", "--namespace", "team-b", &format!("{FIXTURES}/list.yaml")]);
+    let (_, b, _) = portcullis(&[
+        "import",
+        "--namespace",
+        "team-b",
+        &format!("{FIXTURES}/list.yaml"),
+    ]);
     assert!(b.contains("name = \"team-a/for-team-b\""), "{b}");
     assert!(!b.contains("name = \"team-a/team-a-only\""), "{b}");
     // exportTo absent: every namespace
@@ -243,18 +309,30 @@ fn namespace_applies_export_to() {
 #[test]
 fn mode_from_mesh_config_and_registry_only_wins() {
     let (_, out, _) = portcullis(&["import", &format!("{FIXTURES}/mesh-allow-any.yaml")]);
-    assert!(out.contains("\noutbound_traffic_policy = \"ALLOW_ANY\"\n"), "{out}");
+    assert!(
+        out.contains("\noutbound_traffic_policy = \"ALLOW_ANY\"\n"),
+        "{out}"
+    );
     let (_, out, _) = portcullis(&[
         "import",
         &format!("{FIXTURES}/mesh-allow-any.yaml"),
         &format!("{FIXTURES}/sidecar-registry-only.yaml"),
     ]);
-    assert!(out.contains("\noutbound_traffic_policy = \"REGISTRY_ONLY\"\n"), "{out}");
-    assert!(out.contains("# The sources disagree: REGISTRY_ONLY wins."), "{out}");
+    assert!(
+        out.contains("\noutbound_traffic_policy = \"REGISTRY_ONLY\"\n"),
+        "{out}"
+    );
+    assert!(
+        out.contains("# The sources disagree: REGISTRY_ONLY wins."),
+        "{out}"
+    );
     // the Sidecar with a workloadSelector is not a namespace-wide mode
     assert!(!out.contains("from Sidecar one-app"), "{out}");
     let (_, out, _) = portcullis(&["import", &format!("{FIXTURES}/egress-docs.yaml")]);
-    assert!(out.contains("\noutbound_traffic_policy = \"REGISTRY_ONLY\"\n"), "{out}");
+    assert!(
+        out.contains("\noutbound_traffic_policy = \"REGISTRY_ONLY\"\n"),
+        "{out}"
+    );
 }
 
 // ------------------------------------------------------------ include
@@ -286,8 +364,12 @@ fn include_dir(name: &str, yaml: &[(&str, &str)]) -> PathBuf {
 }
 
 fn fixture(name: &str) -> String {
-    std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join(FIXTURES).join(name))
-        .unwrap()
+    std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join(FIXTURES)
+            .join(name),
+    )
+    .unwrap()
 }
 
 #[test]
@@ -301,17 +383,51 @@ fn include_at_start_check_and_explain_name_the_source() {
     // through ..data/ or the timestamped directory)
     assert!(out.contains("service entries: 8\n"), "{out}");
     let inc = d.join("entries/api.toml");
-    assert!(out.contains(&format!("  api ({}:3): api.example.com on 443/TLS", inc.display())), "{out}");
+    assert!(
+        out.contains(&format!(
+            "  api ({}:3): api.example.com on 443/TLS",
+            inc.display()
+        )),
+        "{out}"
+    );
     let yaml = d.join("istio/databases.yaml");
-    assert!(out.contains(&format!("  data/pinned-tls ({}:42):", yaml.display())), "{out}");
+    assert!(
+        out.contains(&format!("  data/pinned-tls ({}:42):", yaml.display())),
+        "{out}"
+    );
     assert!(out.contains("  own (line 6):"), "{out}");
-    assert!(out.contains("include `more/*.yaml` matches no file"), "{out}");
+    assert!(
+        out.contains("include `more/*.yaml` matches no file"),
+        "{out}"
+    );
     assert!(!out.contains("..data"), "{out}");
 
-    let (_, e, _) = portcullis(&["explain", "-c", c, "--dst", "198.51.100.20:443", "--sni", "secure.example.com"]);
-    assert!(e.contains(&format!("entry: data/pinned-tls ({}:42)", yaml.display())), "{e}");
-    let (_, e, _) = portcullis(&["explain", "-c", c, "--dst", "192.0.2.10:443", "--sni", "api.example.com"]);
-    assert!(e.contains(&format!("entry: api ({}:3)", inc.display())), "{e}");
+    let (_, e, _) = portcullis(&[
+        "explain",
+        "-c",
+        c,
+        "--dst",
+        "198.51.100.20:443",
+        "--sni",
+        "secure.example.com",
+    ]);
+    assert!(
+        e.contains(&format!("entry: data/pinned-tls ({}:42)", yaml.display())),
+        "{e}"
+    );
+    let (_, e, _) = portcullis(&[
+        "explain",
+        "-c",
+        c,
+        "--dst",
+        "192.0.2.10:443",
+        "--sni",
+        "api.example.com",
+    ]);
+    assert!(
+        e.contains(&format!("entry: api ({}:3)", inc.display())),
+        "{e}"
+    );
     let _ = std::fs::remove_dir_all(&d);
 }
 
@@ -322,7 +438,10 @@ fn include_errors_name_the_included_file_and_line() {
     let (code, _, err) = portcullis(&["check", "-c", d.join("config.toml").to_str().unwrap()]);
     assert_eq!(code, 1);
     assert!(
-        err.starts_with(&format!("{}:2: ServiceEntry data/mongo-any cannot be included: opaque TCP port 27017", d.join("istio/unsafe.yaml").display())),
+        err.starts_with(&format!(
+            "{}:2: ServiceEntry data/mongo-any cannot be included: opaque TCP port 27017",
+            d.join("istio/unsafe.yaml").display()
+        )),
         "{err}"
     );
     let _ = std::fs::remove_dir_all(&d);
@@ -331,7 +450,13 @@ fn include_errors_name_the_included_file_and_line() {
     let d = include_dir("bad", &[("bad.yaml", &fixture("bad.yaml"))]);
     let (code, _, err) = portcullis(&["check", "-c", d.join("config.toml").to_str().unwrap()]);
     assert_eq!(code, 1);
-    assert!(err.starts_with(&format!("{}:7: not YAML", d.join("istio/bad.yaml").display())), "{err}");
+    assert!(
+        err.starts_with(&format!(
+            "{}:7: not YAML",
+            d.join("istio/bad.yaml").display()
+        )),
+        "{err}"
+    );
     let _ = std::fs::remove_dir_all(&d);
 
     // a fragment holding more than entries
@@ -339,13 +464,22 @@ fn include_errors_name_the_included_file_and_line() {
     std::fs::write(d.join("entries/x.toml"), "[proxy]\nlisten = []\n").unwrap();
     let (code, _, err) = portcullis(&["check", "-c", d.join("config.toml").to_str().unwrap()]);
     assert_eq!(code, 1);
-    assert!(err.starts_with(&format!("{}:1:", d.join("entries/x.toml").display())), "{err}");
+    assert!(
+        err.starts_with(&format!("{}:1:", d.join("entries/x.toml").display())),
+        "{err}"
+    );
     assert!(err.contains("holds only [[service_entry]] tables"), "{err}");
     // an invalid entry in a fragment: its own file and line
     std::fs::write(d.join("entries/x.toml"), "\n[[service_entry]]\nhosts = [\"x.example.com\"]\nports = [{ number = 443, protocol = \"GRPC\" }]\n").unwrap();
     let (code, _, err) = portcullis(&["check", "-c", d.join("config.toml").to_str().unwrap()]);
     assert_eq!(code, 1);
-    assert!(err.starts_with(&format!("{}:4: service_entry \"x.example.com\": key `ports`", d.join("entries/x.toml").display())), "{err}");
+    assert!(
+        err.starts_with(&format!(
+            "{}:4: service_entry \"x.example.com\": key `ports`",
+            d.join("entries/x.toml").display()
+        )),
+        "{err}"
+    );
     // a name used twice across files
     std::fs::write(d.join("entries/x.toml"), "[[service_entry]]\nname = \"own\"\nhosts = [\"x.example.com\"]\nports = [{ number = 443, protocol = \"TLS\" }]\n").unwrap();
     let (code, _, err) = portcullis(&["check", "-c", d.join("config.toml").to_str().unwrap()]);
