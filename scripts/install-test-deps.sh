@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs what the end-to-end tests need (DESIGN.md §6), only when something is missing.
+# Installs what the end-to-end tests need (docs/DESIGN.md §6), only when something is missing.
 # Idempotent and quiet: prints nothing when everything is already there.
 set -euo pipefail
 

@@ -22,7 +22,7 @@ use serde::Serialize;
 
 use crate::config::AccessLog;
 
-/// The access log record of DESIGN §4.
+/// The access log record of docs/DESIGN.md §4.
 #[derive(Debug, Clone, Serialize)]
 pub struct FlowRecord {
     pub ts: String,

@@ -191,7 +191,28 @@ pub struct Redirect {
     pub exclude_ports: Vec<u16>,
     pub capture_interfaces: Vec<String>,
     pub allow_udp: Vec<UdpAllow>,
+    /// The host's DHCP clients: only their DHCP requests pass the filter.
+    pub dhcp_client_uids: Vec<UserRef>,
     pub ipv6: bool,
+}
+
+/// A user as `[redirect] dhcp_client_uids` names it: a number, or a name that
+/// `init` looks up in the target host's /etc/passwd (read as a file: no NSS,
+/// so the static binary resolves it the same way).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(untagged)]
+pub enum UserRef {
+    Id(u32),
+    Name(String),
+}
+
+impl fmt::Display for UserRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            UserRef::Id(n) => write!(f, "{n}"),
+            UserRef::Name(s) => write!(f, "{s}"),
+        }
+    }
 }
 
 /// A validated configuration.
@@ -325,7 +346,15 @@ struct RawRedirect {
     exclude_ports: Option<Spanned<Vec<i64>>>,
     capture_interfaces: Option<Spanned<Vec<String>>>,
     allow_udp: Option<Spanned<Vec<RawUdp>>>,
+    dhcp_client_uids: Option<Spanned<Vec<RawUser>>>,
     ipv6: Option<bool>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RawUser {
+    Num(i64),
+    Name(String),
 }
 
 #[derive(Deserialize)]
@@ -429,10 +458,7 @@ impl Config {
     /// Validates config text; `path` is used in messages only.
     pub fn parse(path: &Path, src: &str) -> Result<Config, ConfigError> {
         let shown = path.display().to_string();
-        let raw: RawConfig = toml::from_str(src).map_err(|e| ConfigError::Syntax {
-            path: shown.clone(),
-            message: syntax_message(src, &e),
-        })?;
+        let raw: RawConfig = toml::from_str(src).map_err(|e| toml_error(&shown, src, &e))?;
         let ctx = Ctx {
             path: &shown,
             src,
@@ -522,22 +548,169 @@ impl Config {
     }
 }
 
-fn syntax_message(src: &str, e: &toml::de::Error) -> String {
-    // toml's own rendering has line, column and a caret; put the line first
-    // so every error reads "file:line: ...".
-    match e.span() {
-        Some(span) => {
-            let line = src.as_bytes()[..span.start.min(src.len())]
-                .iter()
-                .filter(|b| **b == b'\n')
-                .count()
-                + 1;
-            let msg = e.message().trim_end();
-            format!("{line}: {msg}\n{}", e.to_string().trim_end())
+/// Turns an error of the TOML layer into one line an operator can act on:
+/// `file:line: [section] key `k`: what is wrong, and the form expected`.
+/// serde's own wording names our internal types (`expected struct RawPort`,
+/// `expected i64`) and toml's rendering spans five lines with the message
+/// twice, so type errors are re-worded here from the span: the section is the
+/// last table header before it, the key the last `key =` before it (or the
+/// unknown field itself).
+fn toml_error(path: &str, src: &str, e: &toml::de::Error) -> ConfigError {
+    let msg = e.message().trim_end();
+    let Some(span) = e.span() else {
+        return ConfigError::Syntax {
+            path: path.to_string(),
+            message: format!(" {}", msg.replace('\n', " ")),
+        };
+    };
+    let at = span.start.min(src.len());
+    let line = src.as_bytes()[..at].iter().filter(|b| **b == b'\n').count() + 1;
+    let is_type_error = [
+        "invalid type:",
+        "unknown field",
+        "missing field",
+        "invalid value:",
+    ]
+    .iter()
+    .any(|p| msg.starts_with(p));
+    if !is_type_error {
+        let line_start = src[..at].rfind('\n').map_or(0, |i| i + 1);
+        let column = src[line_start..at].chars().count() + 1;
+        return ConfigError::Syntax {
+            path: path.to_string(),
+            message: format!("{line}: {} (column {column})", msg.replace('\n', " ")),
+        };
+    }
+    let section = section_before(src, at);
+    let unknown = msg
+        .strip_prefix("unknown field `")
+        .and_then(|r| r.split_once('`'));
+    let (key, message) = match unknown {
+        Some((field, rest)) => {
+            let known: Vec<&str> = rest
+                .split('`')
+                .skip(1)
+                .step_by(2)
+                .filter(|k| !k.is_empty())
+                .collect();
+            (field.to_string(), unknown_key_message(field, &known))
         }
-        None => format!(" {e}"),
+        None => {
+            let key = key_before(src, at).unwrap_or_default();
+            let message = type_message(&key, msg);
+            (key, message)
+        }
+    };
+    ConfigError::Invalid {
+        path: path.to_string(),
+        line,
+        context: section.map(|s| format!("{s} ")).unwrap_or_default(),
+        key,
+        message,
     }
 }
+
+/// The last table header (`[proxy]`, `[[service_entry]]`) at or before byte `at`.
+fn section_before(src: &str, at: usize) -> Option<String> {
+    src[..at].lines().rev().find_map(|l| {
+        let t = l.trim();
+        let t = t.split('#').next().unwrap_or("").trim_end();
+        (t.starts_with('[') && t.ends_with(']') && !t.contains('=')).then(|| {
+            let inner: String = t.chars().filter(|c| !c.is_whitespace()).collect();
+            inner
+        })
+    })
+}
+
+/// The key whose value holds byte `at`: the last `name =` before it.
+fn key_before(src: &str, at: usize) -> Option<String> {
+    let head = &src[..at];
+    let mut best: Option<String> = None;
+    for (i, _) in head.match_indices('=') {
+        let before = head[..i].trim_end();
+        let key: String = before
+            .chars()
+            .rev()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_' || *c == '-')
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect();
+        if !key.is_empty() {
+            best = Some(key);
+        }
+    }
+    best
+}
+
+fn unknown_key_message(field: &str, known: &[&str]) -> String {
+    let close = known
+        .iter()
+        .filter(|k| edit_distance(field, k) <= 2)
+        .min_by_key(|k| edit_distance(field, k));
+    let list = known.join(", ");
+    match close {
+        Some(k) => format!("unknown key; did you mean `{k}`? (keys here: {list})"),
+        None => format!("unknown key (keys here: {list})"),
+    }
+}
+
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1; b.len() + 1];
+        for (j, cb) in b.iter().enumerate() {
+            let sub = prev[j] + usize::from(ca != *cb);
+            cur[j + 1] = sub.min(prev[j + 1] + 1).min(cur[j] + 1);
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}
+
+/// serde's "invalid type: X, expected Y" in the config's own terms.
+fn type_message(key: &str, msg: &str) -> String {
+    let (got, expected) = match msg
+        .strip_prefix("invalid type: ")
+        .and_then(|r| r.rsplit_once(", expected "))
+    {
+        Some((g, e)) => (format!("got {}", g.replace('`', "")), e.to_string()),
+        None => return msg.replace('\n', " "),
+    };
+    let form = match expected.as_str() {
+        "struct RawPort" => {
+            "each port is a table like { number = 443, protocol = \"TLS\" }".to_string()
+        }
+        "struct RawEndpoint" => {
+            "each endpoint is a table like { address = \"198.51.100.7\", port = 8443 }".to_string()
+        }
+        "struct RawUdp" => {
+            "each rule is a table like { ports = [53], cidrs = [\"10.0.0.0/8\"] }".to_string()
+        }
+        e if e.starts_with("struct ") => "expected a table".to_string(),
+        "a boolean" => "expected true or false, without quotes".to_string(),
+        "a sequence" => "expected a list in brackets, e.g. [\"...\"]".to_string(),
+        "a string" if DURATION_KEYS.contains(&key) => {
+            "expected a duration in quotes with a unit, e.g. \"5s\" or \"250ms\"".to_string()
+        }
+        "a string" => "expected a string in quotes".to_string(),
+        e if e.starts_with('i') || e.starts_with('u') => {
+            format!("expected a number without quotes, e.g. {key} = 1337")
+        }
+        e => format!("expected {e}"),
+    };
+    format!("{got}; {form}")
+}
+
+const DURATION_KEYS: &[&str] = &[
+    "first_byte_timeout",
+    "hello_timeout",
+    "connect_timeout",
+    "idle_timeout",
+    "drain_min",
+    "drain_timeout",
+];
 
 fn dur(
     ctx: &Ctx,
@@ -837,6 +1010,45 @@ fn validate_redirect(ctx: &Ctx, raw: Option<&RawRedirect>) -> Result<Redirect, C
             out
         }
     };
+    let mut dhcp_client_uids = Vec::new();
+    if let Some(v) = &raw.dhcp_client_uids {
+        for u in v.get_ref() {
+            let user = match u {
+                RawUser::Num(n) => UserRef::Id(u32::try_from(*n).map_err(|_| {
+                    ctx.err(
+                        v.span().start,
+                        c,
+                        "dhcp_client_uids",
+                        format!("{n} is not a uid"),
+                    )
+                })?),
+                RawUser::Name(s) => {
+                    // useradd's rule (NAME_REGEX of Debian, plus the dots and
+                    // a trailing $ that Samba's machine accounts use)
+                    let ok = !s.is_empty()
+                        && s.len() <= 32
+                        && s.bytes().enumerate().all(|(i, b)| {
+                            b.is_ascii_lowercase()
+                                || b == b'_'
+                                || (i > 0 && (b.is_ascii_digit() || b"-.".contains(&b)))
+                                || (i > 0 && i == s.len() - 1 && b == b'$')
+                        });
+                    if !ok {
+                        return Err(ctx.err(
+                            v.span().start,
+                            c,
+                            "dhcp_client_uids",
+                            format!("`{s}` is not a user name (write a uid or a name such as \"systemd-network\")"),
+                        ));
+                    }
+                    UserRef::Name(s.clone())
+                }
+            };
+            if !dhcp_client_uids.contains(&user) {
+                dhcp_client_uids.push(user);
+            }
+        }
+    }
     Ok(Redirect {
         proxy_port,
         proxy_uid,
@@ -847,6 +1059,7 @@ fn validate_redirect(ctx: &Ctx, raw: Option<&RawRedirect>) -> Result<Redirect, C
         exclude_ports,
         capture_interfaces,
         allow_udp,
+        dhcp_client_uids,
         ipv6: raw.ipv6.unwrap_or(true),
     })
 }
@@ -1406,5 +1619,46 @@ mod tests {
         assert!(check_self_exclusion(&c.redirect, 0, 0, true).is_ok());
         let e = check_self_exclusion(&c.redirect, 1000, 1000, false).unwrap_err();
         assert!(e.contains("uid 1337 and gid 1337"), "{e}");
+    }
+
+    #[test]
+    fn dhcp_client_uids() {
+        let c = Config::parse(Path::new("t.toml"), "").unwrap();
+        assert!(
+            c.redirect.dhcp_client_uids.is_empty(),
+            "pods run no DHCP client"
+        );
+        let c = Config::parse(
+            Path::new("t.toml"),
+            "[redirect]\ndhcp_client_uids = [0, \"systemd-network\", 0, \"_dhcp\"]\n",
+        )
+        .unwrap();
+        assert_eq!(
+            c.redirect.dhcp_client_uids,
+            [
+                UserRef::Id(0),
+                UserRef::Name("systemd-network".into()),
+                UserRef::Name("_dhcp".into())
+            ]
+        );
+        for bad in [
+            "-1",
+            "\"Root\"",
+            "\"a b\"",
+            "\"\"",
+            "\"1abc\"",
+            "4294967296",
+        ] {
+            let e = Config::parse(
+                Path::new("t.toml"),
+                &format!("[redirect]\ndhcp_client_uids = [{bad}]\n"),
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(
+                e.contains("t.toml:2") && e.contains("dhcp_client_uids"),
+                "{bad}: {e}"
+            );
+        }
     }
 }

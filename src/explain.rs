@@ -65,6 +65,64 @@ pub fn summary(cfg: &Config) -> String {
     for w in &cfg.warnings {
         let _ = writeln!(out, "warning: {w}");
     }
+    for line in udp_notes(cfg) {
+        let _ = writeln!(out, "{line}");
+    }
+    out
+}
+
+/// What `check` says about the UDP that the egress filter lets out
+/// (docs/DESIGN.md §5), each line starting with `note:` or `warning:`.
+///
+/// "Host mode" here means a config that only makes sense on a host: it names
+/// DHCP clients (`dhcp_client_uids`) or routes for others
+/// (`capture_interfaces`). Pods have neither; a host with static addresses
+/// and no gateway role is not recognised, and gets no NTP warning.
+pub fn udp_notes(cfg: &Config) -> Vec<String> {
+    let r = &cfg.redirect;
+    let mut out = Vec::new();
+    if !crate::init::render::filter_active(cfg) {
+        return out;
+    }
+    let ports = |p: &[u16]| {
+        p.iter()
+            .map(|n| n.to_string())
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    let to_resolvers: Vec<String> = r
+        .allow_udp
+        .iter()
+        .filter(|u| u.cidrs.is_empty())
+        .map(|u| ports(&u.ports))
+        .collect();
+    if !to_resolvers.is_empty() {
+        out.push(format!(
+            "note: [redirect] allow_udp without cidrs (ports {}) reaches only the host's resolvers, which `portcullis init` reads from /etc/resolv.conf on the target host when it runs (for a local stub such as 127.0.0.53, the uid owning its socket may use port 53 instead); `init --dry-run` there shows the choice",
+            to_resolvers.join("; ")
+        ));
+    }
+    for u in &r.allow_udp {
+        let any: Vec<String> = u
+            .cidrs
+            .iter()
+            .filter(|c| c.is_everything())
+            .map(|c| c.to_string())
+            .collect();
+        if !any.is_empty() {
+            out.push(format!(
+                "warning: [redirect] allow_udp ports {} to {}: every process may send UDP on these ports to any address, a channel out of the allow-list; name the servers' CIDRs instead",
+                ports(&u.ports),
+                any.join(", ")
+            ));
+        }
+    }
+    let host_mode = !r.dhcp_client_uids.is_empty() || !r.capture_interfaces.is_empty();
+    if host_mode && !r.allow_udp.iter().any(|u| u.ports.contains(&123)) {
+        out.push(
+            "warning: [redirect] allow_udp does not let UDP 123 (NTP) out: on a host the clock drifts (systemd-timesyncd and chronyd send as non-root users); add { ports = [123], cidrs = [your time servers] }".into(),
+        );
+    }
     out
 }
 
@@ -211,4 +269,42 @@ pub fn explain(cfg: Arc<Config>, dst: SocketAddr, sni: Option<&str>, host: Optio
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn notes(src: &str) -> Vec<String> {
+        udp_notes(&Config::parse(Path::new("t.toml"), src).expect("valid"))
+    }
+
+    #[test]
+    fn udp_notes_say_who_decides_and_warn() {
+        // the default: the resolvers, decided on the target host
+        let n = notes("");
+        assert_eq!(n.len(), 1, "{n:?}");
+        assert!(n[0].starts_with(
+            "note: [redirect] allow_udp without cidrs (ports 53) reaches only the host's resolvers"
+        ));
+        assert!(n[0].contains("on the target host"));
+        // any address is a warning
+        let n = notes(
+            "[redirect]\nallow_udp = [{ ports = [53], cidrs = [\"0.0.0.0/0\", \"::/0\"] }]\n",
+        );
+        assert_eq!(n.len(), 1, "{n:?}");
+        assert!(n[0].starts_with("warning: [redirect] allow_udp ports 53 to 0.0.0.0/0, ::/0: "));
+        // host mode without NTP
+        let n = notes("[redirect]\ndhcp_client_uids = [0]\n");
+        assert!(n.iter().any(|l| l.contains("UDP 123 (NTP)")), "{n:?}");
+        let n = notes("[redirect]\ndhcp_client_uids = [0]\nallow_udp = [{ ports = [53] }, { ports = [123], cidrs = [\"192.0.2.123\"] }]\n");
+        assert!(!n.iter().any(|l| l.contains("NTP")), "{n:?}");
+        // a pod is not warned about NTP; no filter, nothing to say
+        assert!(!notes("").iter().any(|l| l.contains("NTP")));
+        assert!(notes(
+            "outbound_traffic_policy = \"ALLOW_ANY\"\n[redirect]\ndhcp_client_uids = [0]\n"
+        )
+        .is_empty());
+    }
 }

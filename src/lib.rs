@@ -13,6 +13,8 @@
 //! - `explain`: the decision rendered for an operator;
 //! - `import`: Istio ServiceEntry YAML to entries (`portcullis import`, `include`).
 
+#![forbid(unsafe_code)]
+
 pub mod access_log;
 pub mod admin;
 pub mod config;

@@ -1,7 +1,8 @@
-//! Observability stage: the Prometheus metrics of DESIGN §4. Label values
+//! Observability stage: the Prometheus metrics of docs/DESIGN.md §4. Label values
 //! come from the registry (entry names) and fixed enums only, so cardinality
 //! is bounded by the config, never by what clients send.
 
+use nix::unistd::SysconfVar;
 use std::sync::atomic::AtomicU64;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -189,7 +190,7 @@ fn process_metrics() -> String {
     let max = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
         .map(|(soft, _)| soft)
         .unwrap_or(0);
-    let page = sysconf(libc::_SC_PAGESIZE).unwrap_or(4096);
+    let page = sysconf(SysconfVar::PAGE_SIZE).unwrap_or(4096);
     let rss = std::fs::read_to_string("/proc/self/statm")
         .ok()
         .and_then(|s| {
@@ -199,7 +200,7 @@ fn process_metrics() -> String {
         })
         .unwrap_or(0)
         * page;
-    let ticks = sysconf(libc::_SC_CLK_TCK).unwrap_or(100) as f64;
+    let ticks = sysconf(SysconfVar::CLK_TCK).unwrap_or(100) as f64;
     let cpu = std::fs::read_to_string("/proc/self/stat")
         .ok()
         .and_then(|s| cpu_seconds(&s, ticks))
@@ -212,10 +213,11 @@ fn process_metrics() -> String {
     )
 }
 
-fn sysconf(name: libc::c_int) -> Option<u64> {
-    // SAFETY: sysconf(3) reads a constant of the system; no pointers involved.
-    let v = unsafe { libc::sysconf(name) };
-    (v > 0).then_some(v as u64)
+fn sysconf(var: SysconfVar) -> Option<u64> {
+    match nix::unistd::sysconf(var) {
+        Ok(Some(v)) if v > 0 => Some(v as u64),
+        _ => None,
+    }
 }
 
 /// utime + stime of /proc/PID/stat, in seconds. The command name (field 2)

@@ -1,5 +1,5 @@
 //! Decision stage: the validated entries compiled into per-port indexes, and
-//! the pure decision of DESIGN §3 (steps 1-3, 5-8) from the facts of a flow.
+//! the pure decision of docs/DESIGN.md §3 (steps 1-3, 5-8) from the facts of a flow.
 //!
 //! Matching never scans every pattern: exact hosts are a hash lookup, and a
 //! name is tried against the wildcard map once per label suffix, longest

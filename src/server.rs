@@ -23,7 +23,7 @@ pub enum RunError {
 }
 
 /// Refuses to start when the proxy's own upstream traffic would be
-/// redirected back to it (DESIGN §2, last rule).
+/// redirected back to it (docs/DESIGN.md §2, last rule).
 pub fn check_self_exclusion(cfg: &Config) -> Result<(), RunError> {
     let euid = nix::unistd::geteuid().as_raw();
     let egid = nix::unistd::getegid().as_raw();
@@ -82,7 +82,7 @@ struct Signals {
     hup: tokio::signal::unix::Signal,
 }
 
-/// DESIGN §4 shutdown: /ready turns 503 while the proxy keeps accepting and
+/// docs/DESIGN.md §4 shutdown: /ready turns 503 while the proxy keeps accepting and
 /// serving for at least `drain_min`, then until no flows remain or
 /// `drain_timeout` (counted from the signal) passes. Flows still open then
 /// are closed and logged; the access log is flushed; the caller exits 0.

@@ -1,4 +1,4 @@
-//! `portcullis run --redirect` (DESIGN §1), the try-out host mode, inside a
+//! `portcullis run --redirect` (docs/DESIGN.md §1), the try-out host mode, inside a
 //! namespace the test made: root installs the rules, the proxy runs as
 //! proxy_uid in a child, signals are forwarded, the rules go when it exits.
 

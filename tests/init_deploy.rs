@@ -1,4 +1,4 @@
-//! The deployment examples in deploy/ say what DESIGN.md §5 requires of a
+//! The deployment examples in deploy/ say what docs/DESIGN.md §5 requires of a
 //! deployment: init with NET_ADMIN/NET_RAW as root, the proxy as a native
 //! sidecar running as [redirect] proxy_uid/proxy_gid with a startup probe on
 //! /ready, the app as another uid without capabilities; the systemd unit runs
@@ -202,4 +202,52 @@ fn systemd_unit() {
     // and the host example config matches that uid
     let host = Config::load(&root().join("tests/fixtures/examples/host.toml")).expect("host.toml");
     assert_eq!(host.redirect.proxy_uid, 1337);
+    assert!(
+        text.contains("install -D -m 0644 deploy/systemd/config.toml /etc/portcullis/config.toml")
+    );
+}
+
+/// The host config shipped beside the unit: valid, the proxy's uid of the
+/// unit, the host's DHCP clients listed (issue 10.1: without them a DHCP host
+/// loses its lease), NTP allowed to named servers, so `check` has no warning
+/// about it (issue 10.2), and it renders.
+#[test]
+fn systemd_host_config() {
+    use portcullis::config::UserRef;
+    let cfg =
+        Config::load(&root().join("deploy/systemd/config.toml")).unwrap_or_else(|e| panic!("{e}"));
+    assert!(cfg.warnings.is_empty(), "{:?}", cfg.warnings);
+    assert_eq!(cfg.redirect.proxy_uid, 1337);
+    assert_eq!(
+        cfg.redirect.dhcp_client_uids,
+        [UserRef::Id(0), UserRef::Name("systemd-network".into())]
+    );
+    let notes = portcullis::explain::udp_notes(&cfg);
+    assert!(
+        notes.iter().all(|n| !n.starts_with("warning:")),
+        "{notes:?}"
+    );
+    assert!(cfg
+        .redirect
+        .allow_udp
+        .iter()
+        .any(|u| u.ports.contains(&123) && !u.cidrs.is_empty()));
+    // names resolve from the target host's /etc/passwd
+    let facts = portcullis::init::HostFacts::build(
+        &cfg,
+        "resolv.conf",
+        portcullis::init::host::parse_nameservers("nameserver 127.0.0.53\n"),
+        |_| String::new(),
+        "root:x:0:0::/root:/bin/sh\nsystemd-network:x:998:998::/:/usr/sbin/nologin\n",
+    );
+    assert_eq!(
+        facts.dhcp_uids,
+        [(0, None), (998, Some("systemd-network".to_string()))]
+    );
+    let rules = portcullis::init::render_for(&cfg, &facts);
+    let v4 = rules.v4.restore_input();
+    assert!(
+        v4.contains("--uid-owner 998 -m udp --sport 68 --dport 67 "),
+        "{v4}"
+    );
 }

@@ -1,4 +1,4 @@
-//! `portcullis init` for real, in network namespaces (DESIGN.md §5, §6).
+//! `portcullis init` for real, in network namespaces (docs/DESIGN.md §5, §6).
 //!
 //! Every iptables command here runs as `ip netns exec NS ...` inside a
 //! namespace this test created (named `pci<pid>x<n>`); the machine's own
@@ -123,7 +123,18 @@ impl Ns {
     /// Starts the python helper server in this namespace; returns once it
     /// listens on every spec (`tcp/ADDR/PORT/LABEL`, `udp/ADDR/PORT`).
     fn serve(&self, specs: &[&str]) -> Proc {
-        let mut c = self.cmd(&[PYTHON, "-c", SERVER]);
+        self.serve_as(None, specs)
+    }
+
+    /// [`Ns::serve`] as uid/gid `who` (None: root).
+    fn serve_as(&self, who: Option<(u32, u32)>, specs: &[&str]) -> Proc {
+        let (u, g) = who.map(|(u, g)| (u.to_string(), g.to_string())).unzip();
+        let mut argv: Vec<&str> = Vec::new();
+        if let (Some(u), Some(g)) = (&u, &g) {
+            argv.extend(["setpriv", "--reuid", u, "--regid", g, "--clear-groups"]);
+        }
+        argv.extend([PYTHON, "-c", SERVER]);
+        let mut c = self.cmd(&argv);
         c.args(specs)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
@@ -144,6 +155,17 @@ impl Ns {
     }
 
     fn client_with_timeout(&self, who: Option<(u32, u32)>, args: &[&str], secs: f64) -> String {
+        self.client_from(who, None, args, secs)
+    }
+
+    /// The client, bound to source port `sport` when given.
+    fn client_from(
+        &self,
+        who: Option<(u32, u32)>,
+        sport: Option<u16>,
+        args: &[&str],
+        secs: f64,
+    ) -> String {
         let (u, g) = who.map(|(u, g)| (u.to_string(), g.to_string())).unzip();
         let mut argv: Vec<&str> = Vec::new();
         if let (Some(u), Some(g)) = (&u, &g) {
@@ -151,11 +173,12 @@ impl Ns {
         }
         argv.extend([PYTHON, "-c", CLIENT]);
         argv.extend(args);
-        let out = self
-            .cmd(&argv)
-            .env("CLIENT_TIMEOUT", secs.to_string())
-            .output()
-            .expect("run client");
+        let mut cmd = self.cmd(&argv);
+        cmd.env("CLIENT_TIMEOUT", secs.to_string());
+        if let Some(p) = sport {
+            cmd.env("CLIENT_SPORT", p.to_string());
+        }
+        let out = cmd.output().expect("run client");
         String::from_utf8_lossy(&out.stdout).trim().to_string()
     }
 }
@@ -297,7 +320,8 @@ print('ready', flush=True)
 threading.Event().wait()
 "#;
 
-/// Client: `tcp|udp ADDR PORT [MARK]` prints what came back, or `ERR <kind>`;
+/// Client: `tcp|udp ADDR PORT [MARK]` prints what came back, or `ERR <kind>`
+/// (`CLIENT_SPORT` in the environment: bind that source port first);
 /// UDP also prints how long the answer took (`ms=N`). A UDP send refused
 /// locally (EPERM: the packet was rejected in OUTPUT) is noted as `send=...`
 /// and the client still reads, where the ICMP error shows as ECONNREFUSED.
@@ -309,6 +333,9 @@ s = socket.socket(fam, socket.SOCK_STREAM if kind == 'tcp' else socket.SOCK_DGRA
 if len(sys.argv) > 4:
     s.setsockopt(socket.SOL_SOCKET, 36, int(sys.argv[4], 0))
 s.settimeout(float(os.environ.get('CLIENT_TIMEOUT', '3')))
+if os.environ.get('CLIENT_SPORT'):
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(('::' if fam == socket.AF_INET6 else '0.0.0.0', int(os.environ['CLIENT_SPORT'])))
 t = time.monotonic()
 note = ''
 try:
@@ -496,13 +523,15 @@ fn apply_rerun_and_cleanup() {
                 c("capture_interfaces lan0")
             )
         ));
+        // allow_udp without cidrs: the resolvers only
+        let resolver = if v6 { "2001:db8::53" } else { "192.0.2.53" };
         assert!(ns.has_rule(
             v6,
             "filter",
             "PORTCULLIS_EGRESS",
             &format!(
-                "-p udp -m udp --dport 53 {} -j RETURN",
-                c("allow_udp ports 53")
+                "-d {resolver} -p udp -m udp --dport 53 {} -j RETURN",
+                c(&format!("allow_udp ports 53 to resolver {resolver}"))
             )
         ));
     }
@@ -759,7 +788,10 @@ fn traffic_is_redirected_and_filtered() {
         .starts_with("ping"));
 
     let tmp = TempDir::new();
-    let resolv = tmp.file("resolv.conf", "nameserver 192.0.2.1\n");
+    let resolv = tmp.file(
+        "resolv.conf",
+        "nameserver 192.0.2.1\nnameserver 2001:db8::1\n",
+    );
     let cfg = tmp.file("pod.toml", POD_CONFIG);
     pod.init_ok(&resolv, &["-c", cfg.to_str().expect("utf-8")]);
 
@@ -847,7 +879,10 @@ fn ipv6_off_drops_ipv6() {
 
 /// Gateway mode: TCP forwarded from `capture_interfaces` is redirected to the
 /// proxy; a connection to the gateway's own address is not; forwarded UDP 443
-/// is refused and UDP 53 passes.
+/// is refused, UDP 53 passes to the gateway's resolver only. With
+/// `dhcp_client_uids` set, the rule set (owner matches only where OUTPUT
+/// leads, never FORWARD) is accepted by iptables-restore and forwarded DHCP
+/// requests are refused like any UDP.
 #[test]
 fn gateway_captures_forwarded_tcp() {
     let lan = Ns::new();
@@ -887,8 +922,10 @@ fn gateway_captures_forwarded_tcp() {
         "tcp/192.0.2.1/8080/upstream",
         "tcp/2001:db8::1/8080/upstream",
         "udp/192.0.2.1/53",
+        "udp/2001:db8::1/53",
         "udp/192.0.2.1/443",
         "udp/2001:db8::1/443",
+        "udp/192.0.2.1/67",
     ]);
     let _proxy = host.serve(&[
         "tcp/0.0.0.0/15001/proxy",
@@ -903,10 +940,10 @@ fn gateway_captures_forwarded_tcp() {
     );
 
     let tmp = TempDir::new();
-    let resolv = tmp.file("resolv.conf", "");
+    let resolv = tmp.file("resolv.conf", "nameserver 192.0.2.1\n");
     let cfg = tmp.file(
         "gw.toml",
-        "[proxy]\nlisten = [\"0.0.0.0:15001\", \"[::]:15001\"]\n[redirect]\nproxy_gid = 1337\ncapture_interfaces = [\"lan0\"]\n",
+        "[proxy]\nlisten = [\"0.0.0.0:15001\", \"[::]:15001\"]\n[redirect]\nproxy_gid = 1337\ncapture_interfaces = [\"lan0\"]\ndhcp_client_uids = [0]\n",
     );
     let out = host.init(&resolv, &["-c", cfg.to_str().expect("utf-8")]);
     assert!(
@@ -930,10 +967,17 @@ fn gateway_captures_forwarded_tcp() {
     assert!(lan
         .client(APP, &["tcp", "2001:db8:ff::1", "8080"])
         .starts_with("gateway"));
-    // forwarded UDP: 53 passes, 443 refused
+    // forwarded UDP: 53 passes to the resolver only, 443 and DHCP refused
     assert!(lan
         .client(APP, &["udp", "192.0.2.1", "53"])
         .starts_with("ping"));
+    assert!(refused(&lan.client(APP, &["udp", "2001:db8::1", "53"])));
+    assert!(refused(&lan.client_from(
+        None,
+        Some(68),
+        &["udp", "192.0.2.1", "67"],
+        2.0
+    )));
     assert!(lan
         .client(APP, &["udp", "192.0.2.1", "443"])
         .starts_with("ERR ConnectionRefusedError"));
@@ -1010,4 +1054,232 @@ fn missing_iptables_is_one_clear_sentence() {
         err.contains("not found") && err.contains("install iptables"),
         "{err}"
     );
+}
+
+/// The pod/inet world of the traffic tests: pod 192.0.2.2 / 2001:db8::2,
+/// inet 192.0.2.1 and .9 / 2001:db8::1 and ::9, default routes via inet.
+fn pod_and_inet() -> (Ns, Ns) {
+    let pod = Ns::new();
+    let inet = Ns::new();
+    link(
+        &pod,
+        "eth0",
+        &["192.0.2.2/24", "2001:db8::2/64"],
+        &inet,
+        "eth0",
+        &[
+            "192.0.2.1/24",
+            "192.0.2.9/24",
+            "2001:db8::1/64",
+            "2001:db8::9/64",
+        ],
+    );
+    pod.ip(&["route", "add", "default", "via", "192.0.2.1"]);
+    pod.ip(&["-6", "route", "add", "default", "via", "2001:db8::1"]);
+    (pod, inet)
+}
+
+fn answered(reply: &str) -> bool {
+    reply.starts_with("ping")
+}
+
+fn refused(reply: &str) -> bool {
+    reply.starts_with("ERR ConnectionRefusedError")
+}
+
+/// Issue 10.1: the DHCP exception was a UDP channel to any host. A workload
+/// allowed to bind low ports (here `ip_unprivileged_port_start=0`, as
+/// container runtimes set it in pods; root has CAP_NET_BIND_SERVICE anyway)
+/// bound source port 68 and talked to any address on port 67, and back the
+/// other way. Now DHCP passes only for `dhcp_client_uids`, only towards the
+/// server ports 67/547, and only for local processes (gateway mode keeps
+/// working: see `gateway_captures_forwarded_tcp`).
+#[test]
+fn dhcp_exception_is_no_udp_channel() {
+    let (pod, inet) = pod_and_inet();
+    pod.ok(&["sysctl", "-qw", "net.ipv4.ip_unprivileged_port_start=0"]);
+    let _up = inet.serve(&[
+        "udp/192.0.2.9/67",
+        "udp/192.0.2.9/68",
+        "udp/2001:db8::9/547",
+        "udp/2001:db8::9/546",
+    ]);
+    let udp = |who, sport: u16, addr: &str, port: &str| {
+        pod.client_from(who, Some(sport), &["udp", addr, port], 2.0)
+    };
+    // the world works before init
+    assert!(answered(&udp(APP, 68, "192.0.2.9", "67")));
+
+    let tmp = TempDir::new();
+    let resolv = tmp.file("resolv.conf", "nameserver 192.0.2.1\n");
+    let cfg = tmp.file("pod.toml", POD_CONFIG);
+    pod.init_ok(&resolv, &["-c", cfg.to_str().expect("utf-8")]);
+    for who in [APP, None] {
+        for (sport, addr, port) in [
+            (68, "192.0.2.9", "67"),
+            (67, "192.0.2.9", "68"),
+            (546, "2001:db8::9", "547"),
+            (547, "2001:db8::9", "546"),
+        ] {
+            let got = udp(who, sport, addr, port);
+            assert!(
+                refused(&got),
+                "{who:?} from port {sport} to {addr}:{port}: {got}"
+            );
+        }
+    }
+
+    // A host's DHCP client (root here) may reach the server ports, nothing else.
+    let cfg = tmp.file(
+        "host.toml",
+        &format!("{POD_CONFIG}dhcp_client_uids = [0]\n"),
+    );
+    let dry = pod.init_ok(&resolv, &["--dry-run", "-c", cfg.to_str().expect("utf-8")]);
+    assert!(dry.contains("dhcp_client_uids: 0"), "{dry}");
+    pod.init_ok(&resolv, &["-c", cfg.to_str().expect("utf-8")]);
+    // (the workload first: once the DHCP client's exchange is tracked, the
+    // same addresses and ports count as its reply traffic)
+    assert!(refused(&udp(APP, 68, "192.0.2.9", "67")));
+    assert!(refused(&udp(APP, 546, "2001:db8::9", "547")));
+    assert!(answered(&udp(None, 68, "192.0.2.9", "67")));
+    assert!(answered(&udp(None, 546, "2001:db8::9", "547")));
+    assert!(refused(&udp(None, 67, "192.0.2.9", "68")));
+    assert!(refused(&udp(None, 547, "2001:db8::9", "546")));
+}
+
+/// Issue 10.2: an `allow_udp` rule without `cidrs` (the default `{ ports =
+/// [53] }`) reaches the resolvers of resolv.conf only, not every address;
+/// `cidrs = ["0.0.0.0/0", "::/0"]` opens every address deliberately.
+#[test]
+fn udp_53_reaches_only_the_resolvers() {
+    let (pod, inet) = pod_and_inet();
+    let _up = inet.serve(&[
+        "udp/192.0.2.1/53",
+        "udp/192.0.2.9/53",
+        "udp/2001:db8::1/53",
+        "udp/2001:db8::9/53",
+    ]);
+    let tmp = TempDir::new();
+    let resolv = tmp.file(
+        "resolv.conf",
+        "nameserver 192.0.2.1\nnameserver 2001:db8::1\n",
+    );
+    let cfg = tmp.file("pod.toml", POD_CONFIG);
+    let dry = pod.init_ok(&resolv, &["--dry-run", "-c", cfg.to_str().expect("utf-8")]);
+    assert!(
+        dry.contains("192.0.2.1") && dry.contains("2001:db8::1"),
+        "{dry}"
+    );
+    pod.init_ok(&resolv, &["-c", cfg.to_str().expect("utf-8")]);
+    for (resolver, other) in [("192.0.2.1", "192.0.2.9"), ("2001:db8::1", "2001:db8::9")] {
+        let got = pod.client(APP, &["udp", resolver, "53"]);
+        assert!(answered(&got), "{resolver}: {got}");
+        let got = pod.client(APP, &["udp", other, "53"]);
+        assert!(refused(&got), "{other}: {got}");
+    }
+
+    // any address, written out
+    let cfg = tmp.file(
+        "any.toml",
+        &format!(
+            "{POD_CONFIG}allow_udp = [{{ ports = [53], cidrs = [\"0.0.0.0/0\", \"::/0\"] }}]\n"
+        ),
+    );
+    pod.init_ok(&resolv, &["-c", cfg.to_str().expect("utf-8")]);
+    for addr in ["192.0.2.9", "2001:db8::9"] {
+        let got = pod.client(APP, &["udp", addr, "53"]);
+        assert!(answered(&got), "{addr}: {got}");
+    }
+}
+
+/// Issue 10.2, the local stub: resolv.conf names 127.0.0.53 (systemd-resolved),
+/// whose upstreams change with DHCP and VPNs. UDP and TCP 53 pass for the uid
+/// that owns the stub's socket (found by `init` on the spot), to any address,
+/// and its TCP 53 is not redirected; the workload's UDP 53 goes nowhere but
+/// the stub.
+#[test]
+fn local_stub_resolver_uid_passes_port_53() {
+    let (pod, inet) = pod_and_inet();
+    const STUB: Option<(u32, u32)> = Some((1500, 1500));
+    pod.ok(&["sysctl", "-qw", "net.ipv4.ip_unprivileged_port_start=0"]);
+    pod.ip(&["addr", "add", "127.0.0.53/8", "dev", "lo"]);
+    let _stub = pod.serve_as(STUB, &["udp/127.0.0.53/53", "tcp/127.0.0.53/53/stub"]);
+    let _up = inet.serve(&[
+        "udp/192.0.2.9/53",
+        "udp/192.0.2.9/443",
+        "udp/2001:db8::9/53",
+        "tcp/192.0.2.9/53/upstream",
+    ]);
+    let _proxy = pod.serve(&["tcp/127.0.0.1/15001/proxy", "tcp/::1/15001/proxy"]);
+    let tmp = TempDir::new();
+    let resolv = tmp.file("resolv.conf", "nameserver 127.0.0.53\n");
+    let cfg = tmp.file("pod.toml", POD_CONFIG);
+    let dry = pod.init_ok(&resolv, &["--dry-run", "-c", cfg.to_str().expect("utf-8")]);
+    assert!(
+        dry.contains("127.0.0.53") && dry.contains("uid 1500"),
+        "{dry}"
+    );
+    pod.init_ok(&resolv, &["-c", cfg.to_str().expect("utf-8")]);
+
+    // the stub's uid reaches its upstreams on port 53, UDP and TCP
+    for addr in ["192.0.2.9", "2001:db8::9"] {
+        let got = pod.client(STUB, &["udp", addr, "53"]);
+        assert!(answered(&got), "stub to {addr}: {got}");
+    }
+    assert!(pod
+        .client(STUB, &["tcp", "192.0.2.9", "53"])
+        .starts_with("upstream"));
+    // ... and nothing else
+    assert!(refused(&pod.client(STUB, &["udp", "192.0.2.9", "443"])));
+    // the workload reaches the stub, not the upstream
+    assert!(answered(&pod.client(APP, &["udp", "127.0.0.53", "53"])));
+    assert!(refused(&pod.client(APP, &["udp", "192.0.2.9", "53"])));
+    assert_eq!(
+        pod.client(APP, &["tcp", "192.0.2.9", "53"]),
+        "proxy orig=192.0.2.9:53"
+    );
+}
+
+/// Issue 12.3: in a pod that Istio's sidecar injection reached, portcullis's
+/// defaults collide with Envoy's (uid 1337, ports 15001/15000/15021): `init`
+/// refuses in one sentence and installs nothing.
+#[test]
+fn init_refuses_beside_istio() {
+    let tmp = TempDir::new();
+    let resolv = tmp.file("resolv.conf", "");
+    let cfg = tmp.file("pod.toml", POD_CONFIG);
+    let cfg_s = cfg.to_str().expect("utf-8");
+    for (tool, chain) in [
+        ("iptables-nft", "ISTIO_OUTPUT"),
+        ("iptables-legacy", "ISTIO_INBOUND"),
+    ] {
+        let ns = Ns::new();
+        // what istio-init leaves in the pod (abridged)
+        ns.ok(&[tool, "-w", "-t", "nat", "-N", chain]);
+        ns.ok(&[tool, "-w", "-t", "nat", "-N", "ISTIO_REDIRECT"]);
+        ns.ok(&[
+            tool,
+            "-w",
+            "-t",
+            "nat",
+            "-A",
+            chain,
+            "-p",
+            "tcp",
+            "-j",
+            "ISTIO_REDIRECT",
+        ]);
+        let out = ns.init(&resolv, &["-c", cfg_s]);
+        assert_eq!(out.status.code(), Some(1), "{tool}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+        assert!(
+            err.contains("Istio") && err.contains(chain) && err.contains("sidecar.istio.io/inject"),
+            "{err}"
+        );
+        for save in ["iptables-nft-save", "iptables-legacy-save"] {
+            let s = ns.ok(&[save]);
+            assert!(!s.contains("PORTCULLIS"), "{save}: {s}");
+        }
+    }
 }

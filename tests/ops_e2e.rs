@@ -1,4 +1,4 @@
-//! Operating portcullis end to end (DESIGN §1 `wait`, §4): metrics after a
+//! Operating portcullis end to end (docs/DESIGN.md §1 `wait`, §4): metrics after a
 //! known mix of flows, the health and admin endpoints, readiness, the
 //! access-log writer under a blocked reader, reload (SIGHUP, file change,
 //! Kubernetes ConfigMap symlink swap, invalid files, restart-required keys,

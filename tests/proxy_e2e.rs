@@ -1,4 +1,4 @@
-//! The data path end to end (DESIGN §3, §4 access log): a pod namespace whose
+//! The data path end to end (docs/DESIGN.md §3, §4 access log): a pod namespace whose
 //! outbound TCP is redirected to `portcullis run` (as its unprivileged uid),
 //! an internet namespace with real TLS, HTTP, echo, server-first and bulk
 //! upstreams, and real clients (curl, openssl s_client, raw sockets).

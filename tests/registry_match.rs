@@ -1,4 +1,4 @@
-//! Table-driven cases for every matching rule of DESIGN §3 steps 1-3 and 5-8.
+//! Table-driven cases for every matching rule of docs/DESIGN.md §3 steps 1-3 and 5-8.
 
 use std::path::Path;
 use std::sync::Arc;

@@ -1,4 +1,4 @@
-//! Stage "detect" (DESIGN §3 steps 4-5): classify a flow from the client's first bytes as a TLS
+//! Stage "detect" (docs/DESIGN.md §3 steps 4-5): classify a flow from the client's first bytes as a TLS
 //! ClientHello, an HTTP/1 request head or something opaque, and extract the name it presents.
 //!
 //! The detector is pure: it never touches a socket. The caller reads (consumes) bytes, keeps them
@@ -370,7 +370,7 @@ impl Detector {
 /// project's one normalisation ([`crate::name::normalize`]), so that detection, the registry and
 /// `explain` agree on what a name is.
 ///
-/// `Ok(None)` for IP literals: they are no name, so they match no host (DESIGN §3.5).
+/// `Ok(None)` for IP literals: they are no name, so they match no host (docs/DESIGN.md §3.5).
 pub(crate) fn normalize_name(raw: &[u8]) -> Result<Option<String>, Malformed> {
     // Names are ASCII; other bytes (UTF-8 or not) can only be invalid.
     let text = std::str::from_utf8(raw).map_err(|_| Malformed::InvalidName)?;

@@ -1,5 +1,5 @@
 //! Redirect stage, set-up side (`portcullis init`): renders the iptables rules
-//! of `[redirect]` and the policy (DESIGN.md §5) and applies them atomically
+//! of `[redirect]` and the policy (docs/DESIGN.md §5) and applies them atomically
 //! with `iptables-restore --noflush` / `ip6tables-restore --noflush`.
 //!
 //! - [`render`] is pure: config + resolver list -> rules (the golden files in
@@ -9,25 +9,22 @@
 //!   backend and runs the tools;
 //! - [`run`] is the command: `--dry-run`, `--cleanup`, `--backend`.
 //!
-//! The resolvers whose TCP port 53 is never redirected come from the file
-//! named by `PORTCULLIS_RESOLV_CONF` (default `/etc/resolv.conf`).
+//! What it reads on the target host ([`host`]): the resolvers of the file
+//! named by `PORTCULLIS_RESOLV_CONF` (default `/etc/resolv.conf`), the owner
+//! of a local DNS stub's socket, the uids of `dhcp_client_uids`.
 
 pub mod apply;
+pub mod host;
 pub mod render;
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
 use crate::config::{Config, ConfigError};
-use crate::net::canonical_ip;
 
 pub use apply::{Backend, BackendChoice};
-pub use render::{render, Family, Rules};
-
-/// Names the resolv.conf that `init` reads (tests pin it; so can operators
-/// whose resolver lives elsewhere).
-pub const RESOLV_CONF_ENV: &str = "PORTCULLIS_RESOLV_CONF";
-pub const DEFAULT_RESOLV_CONF: &str = "/etc/resolv.conf";
+pub use host::{HostFacts, DEFAULT_RESOLV_CONF, RESOLV_CONF_ENV};
+pub use render::{render, render_for, Family, Rules};
 
 /// Why `init` failed: one sentence each, saying what to check.
 #[derive(Debug, thiserror::Error)]
@@ -58,6 +55,8 @@ pub enum InitError {
     },
     #[error("no iptables backend found: install iptables (iptables-nft-restore or iptables-legacy-restore)")]
     NoBackend,
+    #[error("Istio's iptables chains ({chains}) are in this network namespace, and portcullis cannot share a pod with the Istio sidecar (same uid 1337 and ports 15001, 15000, 15021), so turn sidecar injection off for this pod (annotation sidecar.istio.io/inject: \"false\") and restart it")]
+    BesideIstio { chains: String },
 }
 
 /// What the command line asked for.
@@ -84,10 +83,13 @@ pub fn run(opts: &Options) -> Result<Outcome, InitError> {
     }
     let cfg = Config::load(&opts.config)?;
     if opts.dry_run {
-        let rules = render::render(&cfg, &resolvers_from_env()?);
+        let facts = HostFacts::gather(&cfg)?;
+        let rules = render::render_for(&cfg, &facts);
+        let mut notes = facts.warnings.clone();
+        notes.extend(render::warnings(&cfg, &facts));
         return Ok(Outcome {
             stdout: rules.dry_run_text(),
-            notes: render::warnings(&cfg),
+            notes,
         });
     }
     install(&cfg, opts.backend)
@@ -96,10 +98,13 @@ pub fn run(opts: &Options) -> Result<Outcome, InitError> {
 /// Installs the rules of `cfg` in the current network namespace (what
 /// `init` does, and what `run --redirect` needs before it starts the proxy).
 pub fn install(cfg: &Config, choice: BackendChoice) -> Result<Outcome, InitError> {
-    let rules = render::render(cfg, &resolvers_from_env()?);
-    let mut notes = render::warnings(cfg);
+    let facts = HostFacts::gather(cfg)?;
+    let rules = render::render_for(cfg, &facts);
+    let mut notes = facts.warnings.clone();
+    notes.extend(render::warnings(cfg, &facts));
     let tools = apply::Tools::default();
     let backend = pick_backend(&tools, choice)?;
+    refuse_beside_istio(&tools)?;
     let mut summary = Vec::new();
     for rs in rules.families() {
         if rs.family == Family::V6 && !ipv6_in_kernel() {
@@ -129,14 +134,71 @@ pub fn install(cfg: &Config, choice: BackendChoice) -> Result<Outcome, InitError
             }
         ));
     }
-    Ok(Outcome {
-        stdout: format!(
-            "portcullis init: rules installed with iptables-{}: {}\n",
-            backend.name(),
-            summary.join("; ")
-        ),
-        notes,
-    })
+    let mut stdout = format!(
+        "portcullis init: rules installed with iptables-{}: {}\n",
+        backend.name(),
+        summary.join("; ")
+    );
+    for line in &rules.chosen {
+        stdout.push_str(&format!("portcullis init: {line}\n"));
+    }
+    Ok(Outcome { stdout, notes })
+}
+
+/// Istio's init container (or CNI plugin) leaves chains named `ISTIO_*`
+/// (ISTIO_OUTPUT, ISTIO_REDIRECT, ISTIO_INBOUND, ...) in the pod's network
+/// namespace. Its sidecar runs as uid 1337 on ports 15001/15000/15021, the
+/// defaults portcullis took from it: beside it portcullis either cannot bind,
+/// or Envoy's uid matches portcullis's exclusion and egress passes unchecked.
+/// Every backend present is read: Istio may have used the other one.
+fn refuse_beside_istio(tools: &apply::Tools) -> Result<(), InitError> {
+    let mut found: Vec<String> = Vec::new();
+    let mut backends: Vec<Backend> = [Backend::Nft, Backend::Legacy]
+        .into_iter()
+        .filter(|b| tools.has(&b.tool(Family::V4, true)))
+        .collect();
+    if backends.is_empty() {
+        backends.push(Backend::Plain);
+    }
+    for b in backends {
+        for fam in [Family::V4, Family::V6] {
+            if fam == Family::V6 && !ipv6_in_kernel() {
+                continue;
+            }
+            let text = match tools.save(b, fam) {
+                Ok(t) => t,
+                Err(e @ InitError::Permission { .. }) => return Err(e),
+                // a backend without kernel support holds nothing
+                Err(_) => continue,
+            };
+            for c in istio_chains(&text) {
+                if !found.contains(&c) {
+                    found.push(c);
+                }
+            }
+        }
+    }
+    if found.is_empty() {
+        return Ok(());
+    }
+    let more = found.len().saturating_sub(3);
+    found.truncate(3);
+    let mut chains = found.join(", ");
+    if more > 0 {
+        chains.push_str(&format!(" and {more} more"));
+    }
+    Err(InitError::BesideIstio { chains })
+}
+
+/// The chains of an iptables-save text that Istio made (`ISTIO_*`, any
+/// table: sidecar mode uses nat, TPROXY interception and ambient mode also
+/// mangle).
+pub fn istio_chains(save: &str) -> Vec<String> {
+    apply::parse_save(save)
+        .into_iter()
+        .flat_map(|t| t.chains)
+        .filter(|c| c.starts_with("ISTIO_"))
+        .collect()
 }
 
 /// `--cleanup`: every chain and jump portcullis owns goes, whatever the
@@ -259,43 +321,10 @@ fn ipv6_in_kernel() -> bool {
     Path::new("/proc/net/if_inet6").exists()
 }
 
-/// The resolvers of the resolv.conf named by `PORTCULLIS_RESOLV_CONF`
-/// (default /etc/resolv.conf). A missing file means no resolvers.
-pub fn resolvers_from_env() -> Result<Vec<IpAddr>, InitError> {
-    let path = std::env::var_os(RESOLV_CONF_ENV)
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(DEFAULT_RESOLV_CONF));
-    match std::fs::read_to_string(&path) {
-        Ok(text) => Ok(parse_resolv_conf(&text)),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
-        Err(source) => Err(InitError::ResolvConf {
-            path: path.display().to_string(),
-            source,
-        }),
-    }
-}
-
-/// The `nameserver` addresses of a resolv.conf, in order, without duplicates
-/// and without loopback ones (loopback is never redirected anyway). A zone
-/// (`fe80::1%eth0`) is dropped; lines that do not parse are ignored, as the
-/// C library does.
+/// The non-loopback `nameserver` addresses of a resolv.conf, in order,
+/// without duplicates (see [`host::parse_nameservers`] for both kinds).
 pub fn parse_resolv_conf(text: &str) -> Vec<IpAddr> {
-    let mut out = Vec::new();
-    for line in text.lines() {
-        let mut words = line.split_whitespace();
-        if words.next() != Some("nameserver") {
-            continue;
-        }
-        let Some(addr) = words.next() else { continue };
-        let addr = addr.split('%').next().unwrap_or(addr);
-        if let Ok(ip) = addr.parse::<IpAddr>() {
-            let ip = canonical_ip(ip);
-            if !ip.is_loopback() && !out.contains(&ip) {
-                out.push(ip);
-            }
-        }
-    }
-    out
+    host::parse_nameservers(text).remote
 }
 
 #[cfg(test)]
@@ -310,5 +339,24 @@ mod tests {
             .map(|i| i.to_string())
             .collect();
         assert_eq!(got, vec!["192.0.2.53", "fe80::1", "198.51.100.9"]);
+    }
+
+    #[test]
+    fn istio_chains_are_found_in_any_table() {
+        // abridged from what istio-iptables leaves in a meshed pod
+        let save = "*mangle\n:PREROUTING ACCEPT [0:0]\n:ISTIO_DIVERT - [0:0]\nCOMMIT\n*nat\n:OUTPUT ACCEPT [0:0]\n:ISTIO_INBOUND - [0:0]\n:ISTIO_OUTPUT - [0:0]\n:ISTIO_REDIRECT - [0:0]\n:PORTCULLIS_OUTPUT - [0:0]\n-A OUTPUT -p tcp -j ISTIO_OUTPUT\n-A ISTIO_OUTPUT -j ISTIO_REDIRECT\nCOMMIT\n";
+        assert_eq!(
+            istio_chains(save),
+            [
+                "ISTIO_DIVERT",
+                "ISTIO_INBOUND",
+                "ISTIO_OUTPUT",
+                "ISTIO_REDIRECT"
+            ]
+        );
+        assert!(
+            istio_chains("*nat\n:OUTPUT ACCEPT [0:0]\n-A OUTPUT -j ISTIO_GONE\nCOMMIT\n")
+                .is_empty()
+        );
     }
 }

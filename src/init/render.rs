@@ -1,9 +1,12 @@
 //! Rule rendering: `[redirect]` and the policy become iptables-restore text.
-//! Pure: no files, no processes, no clock; the resolvers come in as a parameter.
+//! Pure: no files, no processes, no clock; what `init` read on the host (the
+//! resolvers, a local stub's uid, the DHCP clients' uids) comes in as
+//! [`HostFacts`].
 
 use std::fmt::Write as _;
 use std::net::IpAddr;
 
+use super::host::HostFacts;
 use crate::config::{Config, Policy, Redirect};
 use crate::net::Cidr;
 
@@ -71,7 +74,7 @@ impl Family {
         }
     }
     /// DHCP client and server ports (client port first).
-    fn dhcp(self) -> (u16, u16) {
+    pub fn dhcp(self) -> (u16, u16) {
         match self {
             Family::V4 => (68, 67),
             Family::V6 => (546, 547),
@@ -117,6 +120,9 @@ pub struct RuleSet {
 pub struct Rules {
     pub v4: RuleSet,
     pub v6: RuleSet,
+    /// What was read on the host and chosen from it, one line each
+    /// (`--dry-run` prints them as comments).
+    pub chosen: Vec<String>,
 }
 
 impl Rules {
@@ -129,7 +135,11 @@ impl Rules {
     /// input for a namespace that holds no portcullis rules yet; on a re-run
     /// `init` leaves out the jumps that are already there.
     pub fn dry_run_text(&self) -> String {
-        let mut out = String::from("# iptables-restore\n");
+        let mut out = String::new();
+        for line in &self.chosen {
+            let _ = writeln!(out, "# {line}");
+        }
+        out.push_str("# iptables-restore\n");
         out.push_str(&self.v4.restore_input());
         out.push_str("# ip6tables-restore\n");
         out.push_str(&self.v6.restore_input());
@@ -170,16 +180,29 @@ pub fn filter_active(cfg: &Config) -> bool {
     cfg.outbound_traffic_policy == Policy::RegistryOnly && !cfg.audit_mode()
 }
 
-/// Renders the rules of `cfg` for both families. `resolvers` are the
-/// nameservers of resolv.conf: TCP to their port 53 is never redirected.
+/// Renders the rules of `cfg` for both families, knowing only the resolvers
+/// (no local stub; `dhcp_client_uids` given by name are left out): see
+/// [`render_for`].
 pub fn render(cfg: &Config, resolvers: &[IpAddr]) -> Rules {
+    render_for(cfg, &HostFacts::from_resolvers(cfg, resolvers))
+}
+
+/// Renders the rules of `cfg` for both families with what `init` read on the
+/// host: TCP to the resolvers' port 53 is never redirected, `allow_udp`
+/// rules without `cidrs` reach the resolvers, a local stub's uid passes port
+/// 53, the DHCP clients' uids pass DHCP requests.
+pub fn render_for(cfg: &Config, host: &HostFacts) -> Rules {
     Rules {
-        v4: render_family(cfg, resolvers, Family::V4),
-        v6: render_family(cfg, resolvers, Family::V6),
+        v4: render_family(cfg, host, Family::V4),
+        v6: render_family(cfg, host, Family::V6),
+        chosen: host.describe(
+            filter_active(cfg),
+            cfg.redirect.allow_udp.iter().any(|u| u.cidrs.is_empty()),
+        ),
     }
 }
 
-fn render_family(cfg: &Config, resolvers: &[IpAddr], fam: Family) -> RuleSet {
+fn render_family(cfg: &Config, host: &HostFacts, fam: Family) -> RuleSet {
     let r = &cfg.redirect;
     let filter = filter_active(cfg);
     // ipv6 = false under the filter: everything but loopback is dropped, so
@@ -187,13 +210,13 @@ fn render_family(cfg: &Config, resolvers: &[IpAddr], fam: Family) -> RuleSet {
     let v6_dropped = fam == Family::V6 && !r.ipv6 && filter;
     let mut tables = Vec::new();
     if !v6_dropped && r.include_cidrs.iter().any(|c| fam.holds(c)) {
-        tables.push(nat_table(r, resolvers, fam));
+        tables.push(nat_table(r, host, fam));
     }
     if filter {
         tables.push(if v6_dropped {
             filter_table_v6_off(r)
         } else {
-            filter_table(r, fam)
+            filter_table(r, host, fam)
         });
     }
     RuleSet {
@@ -282,7 +305,7 @@ fn mark(m: u32) -> (String, String) {
     )
 }
 
-fn nat_table(r: &Redirect, resolvers: &[IpAddr], fam: Family) -> Table {
+fn nat_table(r: &Redirect, host: &HostFacts, fam: Family) -> Table {
     let mut rules = Vec::new();
     let mut add = |chain: &'static str, matches: &str, why: &str, target: &str| {
         rules.push(Rule {
@@ -305,16 +328,22 @@ fn nat_table(r: &Redirect, resolvers: &[IpAddr], fam: Family) -> Table {
         "loopback destinations",
         "RETURN",
     );
-    let mut seen = Vec::new();
-    for ip in resolvers.iter().filter(|ip| fam.holds_ip(ip)) {
-        if seen.contains(ip) {
-            continue;
-        }
-        seen.push(*ip);
+    for ip in resolvers(host, fam) {
         add(
             NAT_OUTPUT,
-            &format!("-d {} -p tcp -m tcp --dport 53", Cidr::host(*ip)),
+            &format!("-d {} -p tcp -m tcp --dport 53", Cidr::host(ip)),
             "resolver from resolv.conf (DNS over TCP)",
+            "RETURN",
+        );
+    }
+    // A local stub forwards to upstreams that resolv.conf does not name
+    // (they change with DHCP and VPNs): its uid's DNS over TCP is not
+    // redirected, wherever it goes.
+    for uid in host.stub_uids() {
+        add(
+            NAT_OUTPUT,
+            &format!("-p tcp -m owner --uid-owner {uid} -m tcp --dport 53"),
+            &format!("local resolver (uid {uid}) to its upstreams (DNS over TCP)"),
             "RETURN",
         );
     }
@@ -387,7 +416,18 @@ fn nat_table(r: &Redirect, resolvers: &[IpAddr], fam: Family) -> Table {
     }
 }
 
-fn filter_table(r: &Redirect, fam: Family) -> Table {
+/// The non-loopback resolvers of one family, once each.
+fn resolvers(host: &HostFacts, fam: Family) -> Vec<IpAddr> {
+    let mut out: Vec<IpAddr> = Vec::new();
+    for ip in host.resolvers.iter().filter(|ip| fam.holds_ip(ip)) {
+        if !out.contains(ip) {
+            out.push(*ip);
+        }
+    }
+    out
+}
+
+fn filter_table(r: &Redirect, host: &HostFacts, fam: Family) -> Table {
     let mut rules = Vec::new();
     let mut add = |chain: &'static str, matches: &str, why: &str, target: &str| {
         rules.push(Rule {
@@ -403,6 +443,33 @@ fn filter_table(r: &Redirect, fam: Family) -> Table {
     if let Some(v) = r.mark {
         let (m, why) = mark(v);
         add(FILTER_OUTPUT, &m, &why, "RETURN");
+    }
+    // Owner matches exist only for locally generated packets: these rules
+    // live in the chain that OUTPUT alone reaches (iptables-restore refuses
+    // `-m owner` in a chain FORWARD jumps to). A local stub's DNS over UDP
+    // (TCP passes the filter anyway, and its nat exclusion is above):
+    for uid in host.stub_uids() {
+        add(
+            FILTER_OUTPUT,
+            &format!("-p udp -m owner --uid-owner {uid} -m udp --dport 53"),
+            &format!("local resolver (uid {uid}) to its upstreams"),
+            "RETURN",
+        );
+    }
+    // DHCP requests of the host's DHCP clients, from the client port to the
+    // server port only: a pod runs none, and a low source port proves
+    // nothing where any uid may bind it.
+    let (client, server) = fam.dhcp();
+    for (uid, name) in &host.dhcp_uids {
+        add(
+            FILTER_OUTPUT,
+            &format!("-p udp -m owner --uid-owner {uid} -m udp --sport {client} --dport {server}"),
+            &match name {
+                Some(n) => format!("DHCP client {n} (uid {uid})"),
+                None => format!("DHCP client (uid {uid})"),
+            },
+            "RETURN",
+        );
     }
     add(
         FILTER_OUTPUT,
@@ -433,19 +500,31 @@ fn filter_table(r: &Redirect, fam: Family) -> Table {
         "RETURN",
     );
     for u in &r.allow_udp {
-        let dsts: Vec<String> = if u.cidrs.is_empty() {
-            vec![String::new()]
+        // Without `cidrs` a rule reaches the resolvers of resolv.conf only
+        // (none of this family: nothing); any address must be written out.
+        // A rule whose CIDRs are all of the other family opens nothing here.
+        let dsts: Vec<(String, String)> = if u.cidrs.is_empty() {
+            resolvers(host, fam)
+                .into_iter()
+                .map(|ip| {
+                    let c = Cidr::host(ip);
+                    (format!("-d {c}"), format!("resolver {ip}"))
+                })
+                .collect()
         } else {
-            // A rule whose CIDRs are all of the other family opens nothing here.
-            u.cidrs.iter().filter(|c| fam.holds(c)).map(dst).collect()
+            u.cidrs
+                .iter()
+                .filter(|c| fam.holds(c))
+                .map(|c| (dst(c), c.to_string()))
+                .collect()
         };
-        for d in &dsts {
+        for (d, to) in &dsts {
             for m in port_matches("udp", &u.ports) {
                 let ports = m.rsplit(' ').next().unwrap_or_default();
                 let why = if d.is_empty() {
                     format!("allow_udp ports {ports}")
                 } else {
-                    format!("allow_udp ports {ports} to {}", &d[3..])
+                    format!("allow_udp ports {ports} to {to}")
                 };
                 add(FILTER_EGRESS, &join(&[d, &m]), &why, "RETURN");
             }
@@ -461,19 +540,6 @@ fn filter_table(r: &Redirect, fam: Family) -> Table {
             );
         }
     }
-    let (client, server) = fam.dhcp();
-    add(
-        FILTER_EGRESS,
-        &format!("-p udp -m udp --sport {client} --dport {server}"),
-        "DHCP client",
-        "RETURN",
-    );
-    add(
-        FILTER_EGRESS,
-        &format!("-p udp -m udp --sport {server} --dport {client}"),
-        "DHCP server",
-        "RETURN",
-    );
     add(
         FILTER_EGRESS,
         "-p udp",
@@ -539,10 +605,20 @@ fn filter_shell(r: &Redirect, mut chains: Vec<&'static str>, rules: Vec<Rule>) -
 
 /// Things about `[redirect]` that are valid but probably not what the
 /// operator meant; `init` prints them on stderr.
-pub fn warnings(cfg: &Config) -> Vec<String> {
+pub fn warnings(cfg: &Config, host: &HostFacts) -> Vec<String> {
     let r = &cfg.redirect;
     let filter = filter_active(cfg);
     let mut out = Vec::new();
+    if filter
+        && r.allow_udp.iter().any(|u| u.cidrs.is_empty())
+        && host.resolvers.is_empty()
+        && host.stubs.is_empty()
+    {
+        out.push(format!(
+            "{} names no resolver: [redirect] allow_udp rules without cidrs open nothing",
+            host.resolv_conf
+        ));
+    }
     for fam in [Family::V4, Family::V6] {
         if fam == Family::V6 && !r.ipv6 && filter {
             continue;
@@ -640,7 +716,121 @@ mod tests {
         assert!(v4.contains("-d 192.0.2.1/32 -p udp -m udp --dport 123"));
         assert!(!v6.contains("--dport 123"));
         assert!(v6.contains("--icmpv6-type 135") && !v4.contains("icmpv6"));
-        assert!(v4.contains("--sport 68 --dport 67") && v6.contains("--sport 546 --dport 547"));
+        // no DHCP without dhcp_client_uids
+        assert!(!v4.contains("--dport 67") && !v6.contains("--dport 547"));
+    }
+
+    #[test]
+    fn dhcp_only_for_its_uids_and_only_from_output() {
+        let c = cfg("[redirect]\ndhcp_client_uids = [0, \"systemd-network\", 998]\ncapture_interfaces = [\"lan0\"]\n");
+        let host = HostFacts {
+            dhcp_uids: vec![(0, None), (998, Some("systemd-network".into()))],
+            ..Default::default()
+        };
+        let r = render_for(&c, &host);
+        for (rs, client, server) in [(&r.v4, 68, 67), (&r.v6, 546, 547)] {
+            let out = specs(rs, "filter", FILTER_OUTPUT);
+            let dhcp: Vec<&String> = out.iter().filter(|s| s.contains("DHCP")).collect();
+            assert_eq!(dhcp.len(), 2, "{out:?}");
+            assert!(dhcp[0].starts_with(&format!(
+                "-p udp -m owner --uid-owner 0 -m udp --sport {client} --dport {server} "
+            )));
+            assert!(dhcp[1].contains("--uid-owner 998 ") && dhcp[1].contains("systemd-network"));
+            // the jump to the shared chain comes after them
+            assert!(out.last().unwrap().ends_with("-j PORTCULLIS_EGRESS"));
+            // nothing with an owner match where FORWARD leads
+            for chain in [FILTER_EGRESS, FILTER_FORWARD] {
+                for s in specs(rs, "filter", chain) {
+                    assert!(
+                        !s.contains("-m owner") && !s.contains("DHCP"),
+                        "{chain}: {s}"
+                    );
+                }
+            }
+        }
+        // `render` alone knows no names: the numbers only
+        let r = render(&c, &[]);
+        let out = specs(&r.v4, "filter", FILTER_OUTPUT);
+        assert_eq!(out.iter().filter(|s| s.contains("DHCP")).count(), 2);
+        assert!(
+            r.chosen.iter().any(|l| l == "dhcp_client_uids: 0, 998"),
+            "{:?}",
+            r.chosen
+        );
+    }
+
+    #[test]
+    fn udp_without_cidrs_reaches_the_resolvers() {
+        let c = cfg("[redirect]\nallow_udp = [{ ports = [53] }, { ports = [123], cidrs = [\"0.0.0.0/0\"] }]\n");
+        let r = render(
+            &c,
+            &[
+                "192.0.2.53".parse().unwrap(),
+                "2001:db8::53".parse().unwrap(),
+            ],
+        );
+        let v4 = specs(&r.v4, "filter", FILTER_EGRESS);
+        let v6 = specs(&r.v6, "filter", FILTER_EGRESS);
+        assert!(v4.iter().any(
+            |s| s.starts_with("-d 192.0.2.53/32 -p udp -m udp --dport 53 ")
+                && s.contains("allow_udp ports 53 to resolver 192.0.2.53")
+        ));
+        assert!(v6
+            .iter()
+            .any(|s| s.starts_with("-d 2001:db8::53/128 -p udp -m udp --dport 53 ")));
+        assert!(!v4
+            .iter()
+            .any(|s| s.starts_with("-p udp -m udp --dport 53 ")));
+        // "any address" is written out, and is what it says
+        assert!(v4
+            .iter()
+            .any(|s| s.starts_with("-p udp -m udp --dport 123 ")));
+        assert!(!v6.iter().any(|s| s.contains("--dport 123")));
+        // no resolver of a family: nothing for it
+        let r = render(&c, &["192.0.2.53".parse().unwrap()]);
+        assert!(!specs(&r.v6, "filter", FILTER_EGRESS)
+            .iter()
+            .any(|s| s.contains("--dport 53")));
+        assert!(r.chosen[0].contains("192.0.2.53; allow_udp rules without cidrs reach these only"));
+        let none = HostFacts::from_resolvers(&c, &[]);
+        assert_eq!(warnings(&c, &none).len(), 1);
+    }
+
+    #[test]
+    fn local_stub_uid_passes_port_53() {
+        let c = cfg("[redirect]\ncapture_interfaces = [\"lan0\"]\n");
+        let host = HostFacts {
+            resolv_conf: "r".into(),
+            stubs: vec![crate::init::host::Stub {
+                addr: "127.0.0.53".parse().unwrap(),
+                uids: vec![991],
+            }],
+            ..Default::default()
+        };
+        let r = render_for(&c, &host);
+        for rs in [&r.v4, &r.v6] {
+            let nat = specs(rs, "nat", NAT_OUTPUT);
+            assert!(nat.iter().any(|s| s
+                .starts_with("-p tcp -m owner --uid-owner 991 -m tcp --dport 53 ")
+                && s.ends_with("-j RETURN")));
+            let out = specs(rs, "filter", FILTER_OUTPUT);
+            assert!(out
+                .iter()
+                .any(|s| s.starts_with("-p udp -m owner --uid-owner 991 -m udp --dport 53 ")));
+            // the workload's UDP 53 reaches no remote address
+            assert!(!specs(rs, "filter", FILTER_EGRESS)
+                .iter()
+                .any(|s| s.contains("--dport 53")));
+        }
+        let text = r.dry_run_text();
+        assert!(
+            text.starts_with("# resolvers (nameservers in r): none"),
+            "{text}"
+        );
+        assert!(text.contains("\n# local resolver 127.0.0.53: UDP and TCP 53 pass for uid 991, the owner of its socket\n"), "{text}");
+        assert!(warnings(&c, &host)
+            .iter()
+            .all(|w| !w.contains("names no resolver")));
     }
 
     #[test]
@@ -695,7 +885,8 @@ mod tests {
     fn gateway_chains_and_jumps() {
         let c = cfg("[proxy]\nlisten = [\"0.0.0.0:15001\", \"[::]:15001\"]\n[redirect]\ncapture_interfaces = [\"eth1\", \"eth2\"]\n");
         let r = render(&c, &[]);
-        assert!(warnings(&c).is_empty(), "{:?}", warnings(&c));
+        let host = HostFacts::from_resolvers(&c, &["192.0.2.53".parse().unwrap()]);
+        assert!(warnings(&c, &host).is_empty(), "{:?}", warnings(&c, &host));
         let pre = specs(&r.v4, "nat", NAT_PREROUTING);
         assert!(pre[0].starts_with("-m addrtype --dst-type LOCAL "));
         assert!(pre[1].starts_with("-i eth1 ") && pre[1].ends_with("-j PORTCULLIS_REDIRECT"));
@@ -706,6 +897,6 @@ mod tests {
         assert!(filter.jumps.iter().any(|j| j.from == "FORWARD"));
         // loopback-only listeners cannot receive forwarded flows
         let c = cfg("[redirect]\ncapture_interfaces = [\"eth1\"]\n");
-        assert_eq!(warnings(&c).len(), 2);
+        assert_eq!(warnings(&c, &host).len(), 2);
     }
 }

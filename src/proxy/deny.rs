@@ -1,4 +1,4 @@
-//! Deny stage: answers in the client's own protocol (DESIGN §3 step 9), never
+//! Deny stage: answers in the client's own protocol (docs/DESIGN.md §3 step 9), never
 //! opening an upstream connection. TLS gets a fatal access_denied alert, HTTP
 //! a 403 naming the host and reason, anything else a reset.
 

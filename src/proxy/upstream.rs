@@ -1,5 +1,5 @@
 //! Connect stage: resolving names (TTL cache, stale answers when the resolver
-//! fails) and dialling the upstream plan of DESIGN §3 step 7 within
+//! fails) and dialling the upstream plan of docs/DESIGN.md §3 step 7 within
 //! `connect_timeout`, with every socket marked when `mark` is set and
 //! registered so the loop guard can recognise it coming back.
 
@@ -33,7 +33,7 @@ pub enum Resolved {
 }
 
 /// hickory's tokio runtime, except that every DNS socket carries `mark`
-/// (DESIGN §2: with mark-based exclusion, every socket of the proxy, the
+/// (docs/DESIGN.md §2: with mark-based exclusion, every socket of the proxy, the
 /// resolver's included, is marked).
 #[derive(Clone)]
 pub struct MarkedRuntime {
@@ -188,7 +188,7 @@ impl Resolver {
 
 /// The local addresses of the proxy's own upstream sockets, with where each
 /// one is going: a flow arriving from such an address to that destination is
-/// our own connection redirected back to us (DESIGN §3 step 1). Registered
+/// our own connection redirected back to us (docs/DESIGN.md §3 step 1). Registered
 /// right after connect(2) starts (the kernel has chosen the source address
 /// and port by then), before the handshake can complete and be accepted.
 #[derive(Default)]

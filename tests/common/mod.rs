@@ -1,4 +1,4 @@
-//! End-to-end test harness for portcullis (DESIGN.md §6). Use from an
+//! End-to-end test harness for portcullis (docs/DESIGN.md §6). Use from an
 //! integration test with `mod common;` and `use common::*;`.
 //!
 //! A [`World`] is two network namespaces joined by a veth pair:
