@@ -1469,12 +1469,23 @@ fn include_toml(
     entries: &mut Vec<ServiceEntry>,
     warnings: &mut Vec<String>,
 ) -> Result<(), ConfigError> {
-    let raw: RawFragment = toml::from_str(text).map_err(|e| ConfigError::Syntax {
-        path: shown.to_string(),
-        message: format!(
-            "{} (an included TOML file holds only [[service_entry]] tables)",
-            syntax_message(text, &e)
-        ),
+    let raw: RawFragment = toml::from_str(text).map_err(|e| match toml_error(shown, text, &e) {
+        ConfigError::Invalid {
+            path,
+            line,
+            context,
+            key,
+            message,
+        } if context.is_empty() => ConfigError::Invalid {
+            path,
+            line,
+            context,
+            key,
+            message: format!(
+                "{message}; an included TOML file holds only [[service_entry]] tables"
+            ),
+        },
+        other => other,
     })?;
     let ctx = Ctx {
         path: shown,
