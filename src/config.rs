@@ -1418,6 +1418,10 @@ fn load_includes(
 ) -> Result<(), ConfigError> {
     let off = patterns.span().start;
     let mut seen_files = HashSet::new();
+    // `include = ["*.toml"]` beside the config file must not read the file itself
+    if let Ok(own) = std::fs::canonicalize(path) {
+        seen_files.insert(own);
+    }
     for pattern in patterns.get_ref() {
         let files = include_matches(path, pattern).map_err(|m| ctx.err(off, "", "include", m))?;
         if files.is_empty() {
@@ -1428,8 +1432,9 @@ fn load_includes(
             ));
         }
         for file in files {
-            if !seen_files.insert(file.clone()) {
-                continue; // two patterns matching one file read it once
+            let real = std::fs::canonicalize(&file).unwrap_or_else(|_| file.clone());
+            if !seen_files.insert(real) {
+                continue; // the config file itself, or a file two patterns match
             }
             let shown = file.display().to_string();
             let text = std::fs::read_to_string(&file).map_err(|source| ConfigError::Read {

@@ -428,6 +428,18 @@ fn include_at_start_check_and_explain_name_the_source() {
         e.contains(&format!("entry: api ({}:3)", inc.display())),
         "{e}"
     );
+
+    // a pattern matching the config file itself, and two patterns matching
+    // one file: each file is read once
+    let text = std::fs::read_to_string(&cfg).unwrap().replacen(
+        "include = [",
+        "include = [\"*.toml\", \"entries/api.*\", ",
+        1,
+    );
+    std::fs::write(&cfg, text).unwrap();
+    let (code, out, err) = portcullis(&["check", "-c", c]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("service entries: 8\n"), "{out}");
     let _ = std::fs::remove_dir_all(&d);
 }
 
