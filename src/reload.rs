@@ -453,4 +453,34 @@ mod tests {
         );
         let _ = std::fs::remove_dir_all(&dir);
     }
+
+    #[test]
+    fn watch_state_follows_included_files_and_their_configmap_swap() {
+        let dir = std::env::temp_dir().join(format!("portcullis-ws-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let istio = dir.join("istio");
+        std::fs::create_dir_all(istio.join("..2026_01")).unwrap();
+        std::fs::write(istio.join("..2026_01/se.yaml"), "a: 1\n").unwrap();
+        std::os::unix::fs::symlink("..2026_01", istio.join("..data")).unwrap();
+        std::os::unix::fs::symlink("..data/se.yaml", istio.join("se.yaml")).unwrap();
+        let cfg = dir.join("config.toml");
+        std::fs::write(&cfg, "include = [\"istio/*.yaml\", \"entries/*.toml\"]\n").unwrap();
+        let before = watch_state(&cfg);
+        assert_eq!(before.included.len(), 1, "{before:?}: not ..data/ again");
+        assert_eq!(watch_state(&cfg), before);
+        // the ConfigMap swap
+        std::fs::create_dir_all(istio.join("..2026_02")).unwrap();
+        std::fs::write(istio.join("..2026_02/se.yaml"), "a: 2\n").unwrap();
+        std::os::unix::fs::symlink("..2026_02", istio.join("..data_tmp")).unwrap();
+        std::fs::rename(istio.join("..data_tmp"), istio.join("..data")).unwrap();
+        let swapped = watch_state(&cfg);
+        assert_ne!(swapped, before);
+        // a file appearing under another pattern
+        std::fs::create_dir_all(dir.join("entries")).unwrap();
+        std::fs::write(dir.join("entries/a.toml"), "").unwrap();
+        let added = watch_state(&cfg);
+        assert_ne!(added, swapped);
+        assert_eq!(added.included.len(), 2);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
