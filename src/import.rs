@@ -789,9 +789,6 @@ fn convert_spec(spec: &Node, name: &str, notes: &mut Vec<String>) -> Result<Vec<
             );
             resolution = "STATIC";
         }
-        "STATIC" if endpoints.is_empty() => {
-            return Err("resolution STATIC without endpoints (a workloadSelector picks Kubernetes workloads, which portcullis does not see): list endpoints = [{ address = \"IP\" }]".into());
-        }
         _ => {}
     }
 
@@ -903,6 +900,9 @@ fn convert_spec(spec: &Node, name: &str, notes: &mut Vec<String>) -> Result<Vec<
         &endpoints.iter().map(|e| (e.ip, None)).collect::<Vec<_>>(),
     );
     let refuse = |why: String| format!("{why}\n{draft}");
+    if resolution == "STATIC" && endpoints.is_empty() {
+        return Err(refuse("resolution STATIC without endpoints (a workloadSelector picks Kubernetes workloads, which portcullis does not see): add endpoints = [{ address = \"IP\" }]".into()));
+    }
     let tcp: Vec<u16> = ports
         .iter()
         .filter(|p| p.proto == Proto::Tcp)
