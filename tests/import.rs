@@ -69,6 +69,10 @@ const CASES: &[(&str, &[&str])] = &[
     ("unsafe-with-egress", &["unsafe.yaml", "egress-docs.yaml"]),
     ("mesh-allow-any", &["mesh-allow-any.yaml"]),
     (
+        "operator-allow-any",
+        &["istio-operator.yaml", "egress-docs.yaml"],
+    ),
+    (
         "mesh-disagree",
         &["mesh-allow-any.yaml", "sidecar-registry-only.yaml"],
     ),
@@ -333,6 +337,13 @@ fn mode_from_mesh_config_and_registry_only_wins() {
         out.contains("\noutbound_traffic_policy = \"REGISTRY_ONLY\"\n"),
         "{out}"
     );
+    // an IstioOperator's spec.meshConfig
+    let (_, out, _) = portcullis(&[
+        "import",
+        &format!("{FIXTURES}/istio-operator.yaml"),
+        &format!("{FIXTURES}/egress-docs.yaml"),
+    ]);
+    assert!(out.contains("# outboundTrafficPolicy ALLOW_ANY from IstioOperator spec.meshConfig control-plane (tests/fixtures/istio/istio-operator.yaml:1)\noutbound_traffic_policy = \"ALLOW_ANY\""), "{out}");
 }
 
 // ------------------------------------------------------------ include
