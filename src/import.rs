@@ -10,6 +10,12 @@
 //! without trusting the client (an opaque TCP port with no addresses captures
 //! the whole port in Istio) is refused: commented out by `import`, a load
 //! error for `include`.
+//!
+//! YAML is read with saphyr (maintained, pure Rust): its `MarkedYaml` carries
+//! the line of every node, which the `file:line` of messages, comments and
+//! `explain` needs (serde_norway's `Value` has no positions). The document is
+//! reduced to a small tree of its own before conversion; nesting is bounded
+//! on the event stream first, as building and dropping a tree recurse.
 
 use std::collections::HashSet;
 use std::fmt::Write as _;
