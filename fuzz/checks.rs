@@ -269,9 +269,12 @@ fn check_tls(head: &[u8], d: &Detected) {
                     let mut list = &data[2..];
                     while !list.is_empty() {
                         let n = usize::from(u16::from_be_bytes([list[1], list[2]]));
-                        if list[0] == 0 {
-                            names.push(&list[3..3 + n]);
-                        }
+                        // whatever the type: a lenient reader may take any entry as the name
+                        assert_eq!(
+                            list[0], 0,
+                            "TLS: a name of another type than host_name accepted"
+                        );
+                        names.push(&list[3..3 + n]);
                         list = &list[3 + n..];
                     }
                 }

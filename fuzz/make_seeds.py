@@ -70,6 +70,12 @@ def sni(*names, kind=0):
     return (0, struct.pack("!H", len(lst)) + lst)
 
 
+def sni_typed(*entries):
+    """A server_name list of (name_type, name) entries, in order."""
+    lst = b"".join(bytes([k]) + struct.pack("!H", len(n)) + n for k, n in entries)
+    return (0, struct.pack("!H", len(lst)) + lst)
+
+
 def with_sni(msg, exts_for):
     prefix, exts = split_hello(msg)
     return join_hello(prefix, exts_for(exts))
@@ -121,6 +127,12 @@ def tls_seeds():
         "two-names": replace_sni([sni(b"api.example.com", b"evil.example.net")]),
         "two-sni-ext": replace_sni([sni(b"api.example.com"), sni(b"evil.example.net")]),
         "other-name-type": replace_sni([sni(b"x", kind=7)]),
+        "other-name-type-before-host": replace_sni(
+            [sni_typed((7, b"evil.example.net"), (0, b"api.example.com"))]
+        ),
+        "other-name-type-after-host": replace_sni(
+            [sni_typed((0, b"api.example.com"), (1, b"evil.example.net"))]
+        ),
         "empty-name": replace_sni([sni(b"")]),
         "nul-in-name": replace_sni([sni(b"api.example.com\x00.evil")]),
         "ech-grease": lambda e: replace_sni([sni(b"api.example.com")])(e)
@@ -154,6 +166,8 @@ HTTP_HEADS = {
     "backslash-userinfo": b"GET http://evil.example.net\\@api.example.com/ HTTP/1.1\r\nHost: api.example.com\r\n\r\n",
     "scheme-no-slashes": b"GET http:evil.example.net/ HTTP/1.1\r\nHost: api.example.com\r\n\r\n",
     "scheme-backslashes": b"GET http:\\\\evil.example.net/ HTTP/1.1\r\nHost: api.example.com\r\n\r\n",
+    "empty-segments": b"GET //x/y HTTP/1.1\r\nHost: api.example.com\r\n\r\n",
+    "empty-segments-host-like": b"GET //evil.example.net/x HTTP/1.1\r\nHost: api.example.com\r\n\r\n",
     "h2-preface": b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
     "http10": b"GET / HTTP/1.0\r\n\r\n",
 }

@@ -323,18 +323,19 @@ async fn denied(
         .into_response()
 }
 
-/// Binds and serves `health` and `admin` (each may be "off").
+/// Binds and serves `health` and `admin` (each may be "off"), each bounded
+/// by its caps and timeouts (`crate::endpoint`).
 pub async fn spawn(shared: Arc<Shared>, cfg: &Config) -> std::io::Result<()> {
+    use crate::endpoint::{bind, serve, ConnLimiter, ADMIN_LIMITS, HEALTH_LIMITS};
     if let Some(addr) = cfg.proxy.health {
         let app = Router::new()
             .route("/ready", get(ready))
             .route("/metrics", get(metrics))
             .with_state(shared.clone());
-        let l = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
-            std::io::Error::new(e.kind(), format!("cannot listen on health {addr}: {e}"))
-        })?;
-        tracing::info!(%addr, "health endpoint");
-        tokio::spawn(async move { axum::serve(l, app).await });
+        let l = bind("health", addr).await?;
+        tracing::info!(%addr, per_peer = HEALTH_LIMITS.per_peer, total = HEALTH_LIMITS.total, "health endpoint");
+        let limiter = ConnLimiter::new("health", HEALTH_LIMITS);
+        tokio::spawn(serve(l, app, limiter, shared.clone()));
     }
     if let Some(addr) = cfg.proxy.admin {
         let app = Router::new()
@@ -343,11 +344,10 @@ pub async fn spawn(shared: Arc<Shared>, cfg: &Config) -> std::io::Result<()> {
             .route("/config", get(config))
             .route("/denied", get(denied))
             .with_state(shared.clone());
-        let l = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
-            std::io::Error::new(e.kind(), format!("cannot listen on admin {addr}: {e}"))
-        })?;
-        tracing::info!(%addr, "admin endpoint");
-        tokio::spawn(async move { axum::serve(l, app).await });
+        let l = bind("admin", addr).await?;
+        tracing::info!(%addr, per_peer = ADMIN_LIMITS.per_peer, total = ADMIN_LIMITS.total, "admin endpoint");
+        let limiter = ConnLimiter::new("admin", ADMIN_LIMITS);
+        tokio::spawn(serve(l, app, limiter, shared.clone()));
     }
     Ok(())
 }

@@ -8,7 +8,8 @@
 //!   the stages together for one connection.
 //! - `config`: the TOML file becomes a validated [`config::Config`];
 //!   `reload` swaps it at run time; `admin` serves health, metrics, config
-//!   and the recently denied flows; `server` is `portcullis run`.
+//!   and the recently denied flows, `endpoint` bounds and serves its
+//!   listeners; `server` is `portcullis run`.
 //! - `name`, `net`: names and addresses as every stage sees them;
 //! - `explain`: the decision rendered for an operator;
 //! - `import`: Istio ServiceEntry YAML to entries (`portcullis import`, `include`).
@@ -19,6 +20,7 @@ pub mod access_log;
 pub mod admin;
 pub mod config;
 pub mod detect;
+pub mod endpoint;
 pub mod explain;
 pub mod host_mode;
 pub mod import;

@@ -36,6 +36,20 @@ pub struct ResultLabel {
     pub result: &'static str,
 }
 
+/// The `health` or `admin` listener, and why one of its connections was
+/// refused or closed (`peer_limit`, `total_limit`, `header_timeout`,
+/// `idle_timeout`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EndpointLabels {
+    pub listener: &'static str,
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ListenerLabel {
+    pub listener: &'static str,
+}
+
 pub struct Metrics {
     registry: Registry,
     pub connections: Family<ConnLabels, Counter>,
@@ -49,6 +63,9 @@ pub struct Metrics {
     pub detect_examined: Counter,
     pub rules_match: Gauge,
     pub accept_errors: Counter,
+    pub endpoint_refused: Family<EndpointLabels, Counter>,
+    pub endpoint_closed: Family<EndpointLabels, Counter>,
+    pub endpoint_connections: Family<ListenerLabel, Gauge>,
 }
 
 impl Default for Metrics {
@@ -73,6 +90,9 @@ impl Metrics {
         let detect_examined = Counter::default();
         let rules_match = Gauge::default();
         let accept_errors = Counter::default();
+        let endpoint_refused = Family::<EndpointLabels, Counter>::default();
+        let endpoint_closed = Family::<EndpointLabels, Counter>::default();
+        let endpoint_connections = Family::<ListenerLabel, Gauge>::default();
         registry.register(
             "connections",
             "Flows by decision, detected protocol, entry and reason",
@@ -124,6 +144,21 @@ impl Metrics {
             "accept(2) failures (EMFILE and the like), each followed by a back-off",
             accept_errors.clone(),
         );
+        registry.register(
+            "endpoint_refused",
+            "Connections to the health or admin listener refused at its per-peer or total cap",
+            endpoint_refused.clone(),
+        );
+        registry.register(
+            "endpoint_closed",
+            "Connections to the health or admin listener closed by its header or idle timeout",
+            endpoint_closed.clone(),
+        );
+        registry.register(
+            "endpoint_connections",
+            "Connections the health or admin listener holds now",
+            endpoint_connections.clone(),
+        );
         last_reload_ok.set(1);
         rules_match.set(1);
         // Both results exist from the start, so rate() and alerts see a 0.
@@ -143,6 +178,9 @@ impl Metrics {
             detect_examined,
             rules_match,
             accept_errors,
+            endpoint_refused,
+            endpoint_closed,
+            endpoint_connections,
         }
     }
 

@@ -36,8 +36,30 @@ pub fn raise_nofile() -> u64 {
 
 /// `max_connections = "auto"`: what the open-file limit allows. A flow holds
 /// two sockets and, only while bytes are in flight, a pipe pair from the
-/// pool; keep a reserve for listeners, the resolver, the log and admin.
-pub fn auto_max_connections(nofile: u64, max_pipes: usize) -> usize {
-    let reserve = 64 + 2 * max_pipes as u64;
+/// pool; keep a reserve for listeners, the resolver and the log, plus
+/// `endpoint_fds`: what the health and admin listeners may hold at most
+/// (`endpoint::reserved_fds`), so no flood of them costs an egress flow.
+pub fn auto_max_connections(nofile: u64, max_pipes: usize, endpoint_fds: u64) -> usize {
+    let reserve = 64 + 2 * max_pipes as u64 + endpoint_fds;
     (nofile.saturating_sub(reserve) / 2).max(16) as usize
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auto_budget_reserves_the_endpoints() {
+        // 20,000 fds, 256 pipes, health and admin on (66 + 34)
+        assert_eq!(
+            auto_max_connections(20_000, 256, 100),
+            (20_000 - 64 - 512 - 100) / 2
+        );
+        // The whole budget: flows at two sockets each, the pipe pool, the
+        // reserve and the endpoints never exceed the limit.
+        for nofile in [1024u64, 2048, 4096, 65_536] {
+            let flows = auto_max_connections(nofile, 256, 100) as u64;
+            assert!(2 * flows + 2 * 256 + 64 + 100 <= nofile, "{nofile}");
+        }
+    }
 }

@@ -304,9 +304,15 @@ impl Hello {
 
     /// server_name extension data holding `names` as host_name entries.
     fn sni_data(names: &[&[u8]]) -> Vec<u8> {
+        let typed: Vec<(u8, &[u8])> = names.iter().map(|n| (0, *n)).collect();
+        Self::sni_typed_data(&typed)
+    }
+
+    /// server_name extension data holding (name_type, name) entries in order.
+    fn sni_typed_data(entries: &[(u8, &[u8])]) -> Vec<u8> {
         let mut list = Vec::new();
-        for n in names {
-            list.push(0);
+        for (kind, n) in entries {
+            list.push(*kind);
             list.extend_from_slice(&(n.len() as u16).to_be_bytes());
             list.extend_from_slice(n);
         }
@@ -333,6 +339,12 @@ impl Hello {
     fn sni(self, names: &[&str]) -> Hello {
         let names: Vec<&[u8]> = names.iter().map(|n| n.as_bytes()).collect();
         self.set(EXT_SERVER_NAME, Self::sni_data(&names))
+    }
+
+    /// The same hello with one server_name extension of (name_type, name) entries.
+    fn sni_typed(self, entries: &[(u8, &str)]) -> Hello {
+        let e: Vec<(u8, &[u8])> = entries.iter().map(|(k, n)| (*k, n.as_bytes())).collect();
+        self.set(EXT_SERVER_NAME, Self::sni_typed_data(&e))
     }
 
     /// A second, separate server_name extension (RFC 8446 forbids duplicates).
@@ -749,6 +761,8 @@ fn sni_shapes() {
 
     // Two host_names in one extension, or two server_name extensions: malformed, whichever
     // comes first.
+    // A name of another type than host_name (none is defined; a reader taking the first entry
+    // whatever its type would see it as the name), beside the host_name or alone: malformed.
     for hello in [
         golden.clone().sni(&["api.example.com", "evil.example.net"]),
         golden.clone().sni(&["evil.example.net", "api.example.com"]),
@@ -756,6 +770,13 @@ fn sni_shapes() {
             .clone()
             .sni(&["api.example.com"])
             .second_sni("evil.example.net"),
+        golden
+            .clone()
+            .sni_typed(&[(7, "evil.example.net"), (0, "api.example.com")]),
+        golden
+            .clone()
+            .sni_typed(&[(0, "api.example.com"), (1, "evil.example.net")]),
+        golden.clone().sni_typed(&[(7, "api.example.com")]),
     ] {
         expect_alert(&px, addr::API_V4, &hello.bytes());
         let l = next(&mut px);
@@ -972,6 +993,55 @@ fn http_host_shapes() {
         assert_eq!(
             (l["decision"].as_str(), l["name"].as_str()),
             (Some("allow"), Some("api.example.com")),
+            "{l}"
+        );
+    }
+
+    // An IP literal as Host is no name: it matches no host (here, the address of an allowed
+    // name), and /denied lists the flow by address.
+    for host in ["192.0.2.10", "192.0.2.10:80", "[2001:db8::10]"] {
+        let req = format!("GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+        let text = http_exchange(&px, addr::API_V4, req.as_bytes());
+        assert!(text.starts_with("HTTP/1.1 403 Forbidden"), "{host}: {text}");
+        n += 1;
+        let l = px.nth(n);
+        assert_eq!(
+            (l["decision"].as_str(), l["reason"].as_str()),
+            (Some("deny"), Some("not_in_registry")),
+            "{host}: {l}"
+        );
+        assert!(l["name"].is_null(), "{host}: {l}");
+    }
+    let denied = px.admin("/denied");
+    assert!(!denied.contains("\"name\": \"192.0.2.10\""), "{denied}");
+
+    // Origin-form targets with empty segments stay legal (RFC 9112 §3.2.1: an absolute path
+    // may hold empty segments; naive URL joins produce them). They cannot move the
+    // connection: the upstream is chosen from Host alone, so even a target that reads like a
+    // scheme-relative URL (`//evil.example.net/x`) is a path on the allowed host's address.
+    for req in [
+        &b"GET //x/y HTTP/1.1\r\nHost: api.example.com\r\nConnection: close\r\n\r\n"[..],
+        b"GET //evil.example.net/x HTTP/1.1\r\nHost: api.example.com\r\nConnection: close\r\n\r\n",
+    ] {
+        let text = http_exchange(&px, addr::API_V4, req);
+        assert!(
+            text.starts_with("HTTP/1.1 200 OK")
+                && text.contains("http ok host=api.example.com local=192.0.2.10:80"),
+            "{text}"
+        );
+        n += 1;
+        let l = px.nth(n);
+        assert_eq!(
+            (
+                l["decision"].as_str(),
+                l["name"].as_str(),
+                l["upstream"].as_str()
+            ),
+            (
+                Some("allow"),
+                Some("api.example.com"),
+                Some("192.0.2.10:80")
+            ),
             "{l}"
         );
     }

@@ -263,3 +263,103 @@ fn an_inflated_handshake_length_is_refused_early() {
     ));
     assert_eq!(d.push(&bytes[8..9]), Step::TooLarge);
 }
+
+/// Rebuilds a ClientHello message (type, length, body) with its server_name extension data
+/// replaced by `sni`; every other byte stays as captured.
+fn with_server_name(msg: &[u8], sni: &[u8]) -> Vec<u8> {
+    let body = &msg[4..];
+    let mut at = 2 + 32;
+    at += 1 + usize::from(body[at]);
+    at += 2 + usize::from(u16::from_be_bytes([body[at], body[at + 1]]));
+    at += 1 + usize::from(body[at]);
+    let ext_len = usize::from(u16::from_be_bytes([body[at], body[at + 1]]));
+    let mut ext = &body[at + 2..at + 2 + ext_len];
+    let mut out_ext = Vec::new();
+    let mut replaced = false;
+    while !ext.is_empty() {
+        let kind = u16::from_be_bytes([ext[0], ext[1]]);
+        let len = usize::from(u16::from_be_bytes([ext[2], ext[3]]));
+        let data = if kind == 0 {
+            replaced = true;
+            sni
+        } else {
+            &ext[4..4 + len]
+        };
+        out_ext.extend_from_slice(&kind.to_be_bytes());
+        out_ext.extend_from_slice(&(data.len() as u16).to_be_bytes());
+        out_ext.extend_from_slice(data);
+        ext = &ext[4 + len..];
+    }
+    assert!(replaced, "the capture has a server_name extension");
+    let mut new_body = body[..at].to_vec();
+    new_body.extend_from_slice(&(out_ext.len() as u16).to_be_bytes());
+    new_body.extend_from_slice(&out_ext);
+    let mut out = vec![1];
+    out.extend_from_slice(&(new_body.len() as u32).to_be_bytes()[1..]);
+    out.extend_from_slice(&new_body);
+    out
+}
+
+#[test]
+fn a_name_of_another_type_beside_host_name_is_malformed_in_every_capture_and_slicing() {
+    use portcullis::detect::Malformed;
+    // (name_type, name) lists: another type before or after the host_name, or alone.
+    let lists: &[&[(u8, &[u8])]] = &[
+        &[(7, b"evil.example.net"), (0, b"api.example.com")],
+        &[(0, b"api.example.com"), (1, b"evil.example.net")],
+        &[(0, b"api.example.com"), (255, b"")],
+        &[(7, b"api.example.com")],
+    ];
+    for g in GOLDENS.iter().filter(|g| g.protocol == Protocol::Tls) {
+        let raw = load(g);
+        let (msg, version) = handshake_payload(&raw);
+        for entries in lists {
+            let mut list = Vec::new();
+            for (kind, name) in *entries {
+                list.push(*kind);
+                list.extend_from_slice(&(name.len() as u16).to_be_bytes());
+                list.extend_from_slice(name);
+            }
+            let mut sni = (list.len() as u16).to_be_bytes().to_vec();
+            sni.extend_from_slice(&list);
+            let m = with_server_name(&msg, &sni);
+            let mut bytes = vec![22, version[0], version[1]];
+            bytes.extend_from_slice(&(m.len() as u16).to_be_bytes());
+            bytes.extend_from_slice(&m);
+            let want = Step::Malformed(Malformed::OtherNameType);
+            for (what, b) in [
+                ("whole", bytes.clone()),
+                ("in 3 records", split_records(&bytes, 3)),
+            ] {
+                assert_eq!(
+                    Detector::new().push(&b),
+                    want,
+                    "{} {what} {entries:?}",
+                    g.file
+                );
+                let (step, _) = feed(b.chunks(1), b.len());
+                assert_eq!(step, want, "{} {what} byte by byte", g.file);
+            }
+        }
+    }
+}
+
+/// SECURITY.md, "Only the first ClientHello is inspected": a second ClientHello behind the
+/// first (as after a TLS 1.3 HelloRetryRequest) naming another host changes nothing; the
+/// detector has answered with the first hello's name and the rest is relayed unread.
+#[test]
+fn a_second_client_hello_is_not_read() {
+    let first = GOLDENS
+        .iter()
+        .find(|g| g.file == "openssl-s_client.bin")
+        .expect("listed");
+    let second = GOLDENS
+        .iter()
+        .find(|g| g.file == "chromium-mlkem.bin")
+        .expect("listed");
+    let mut bytes = load(first);
+    bytes.extend_from_slice(&load(second));
+    assert_eq!(Detector::new().push(&bytes), expected(first));
+    let (step, _) = feed(bytes.chunks(7), bytes.len());
+    assert_eq!(step, expected(first));
+}

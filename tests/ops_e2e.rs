@@ -1438,6 +1438,12 @@ fn sigterm_drains_serving_old_and_new_flows_then_exits_zero() {
         .unwrap_or_else(|| panic!("no line of the long flow: {log:?}"));
     assert!(l["error"].is_null() && l["entry"] == "backend", "{l}");
     assert!(ops.proxy.stderr().contains("drained: exiting"));
+    // The proxy is gone: redirected TCP is refused, the pod fails closed (SECURITY.md).
+    let e = ops
+        .world
+        .pod_connect(sa(addr::OTHER_V4, port::ECHO))
+        .expect_err("a flow got through without the proxy");
+    assert_eq!(e.kind(), io::ErrorKind::ConnectionRefused, "{e}");
 }
 
 #[test]
@@ -1543,6 +1549,55 @@ impl Ops {
     }
 }
 
+/// `max_connections` is one limit for every listener, exact: clients racing on the IPv4 and the
+/// IPv6 listener at once get exactly `max_connections` flows between them, and every other
+/// connection is an `overload` (each flow holds a semaphore permit; no check-then-increment).
+#[test]
+fn max_connections_is_exact_across_the_ipv4_and_ipv6_listeners() {
+    const MAX: usize = 30;
+    const EACH: usize = 40;
+    // Connections that send nothing stay in detection (first_byte_timeout) holding their slot.
+    let mut ops = Ops::start(&config(
+        "",
+        &format!("max_connections = {MAX}\nfirst_byte_timeout = \"30s\"\nhello_timeout = \"30s\""),
+        BACKEND,
+    ));
+    let w = &ops.world;
+    let barrier = std::sync::Barrier::new(2);
+    let held: Vec<Vec<io::Result<TcpStream>>> = std::thread::scope(|s| {
+        let hs: Vec<_> = [addr::OTHER_V4, addr::API_V6]
+            .into_iter()
+            .map(|ip| {
+                let barrier = &barrier;
+                s.spawn(move || {
+                    barrier.wait();
+                    (0..EACH)
+                        .map(|_| w.pod_connect(sa(ip, port::ECHO)))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    ops.metrics_until("every connection taken or refused", |m| {
+        m.get(
+            "portcullis_connections_total",
+            &[
+                ("decision", "deny"),
+                ("protocol", "tcp"),
+                ("entry", "BlackHole"),
+                ("reason", "overload"),
+            ],
+        ) == Some((2 * EACH - MAX) as f64)
+    });
+    // Still exactly MAX once every overload is counted.
+    let m = ops.metrics();
+    assert_eq!(m.value("portcullis_active_connections", &[]), MAX as f64);
+    let log = ops.log(2 * EACH - MAX);
+    assert!(log.iter().all(|l| l["reason"] == "overload"), "{log:?}");
+    drop(held);
+}
+
 #[test]
 fn auto_max_connections_from_the_raised_fd_limit() {
     // Started with a soft limit of 1024 under the machine's hard 20,000: the
@@ -1556,9 +1611,9 @@ fn auto_max_connections_from_the_raised_fd_limit() {
     let m = ops.metrics();
     assert_eq!(m.value("process_max_fds", &[]), 20000.0);
     let err = ops.proxy.stderr();
-    // (20000 - 64 reserved - 2 x 256 pipes) / 2 fds a flow
+    // (20000 - 64 reserved - 2 x 256 pipes - 100 for health and admin) / 2 fds a flow
     assert!(
-        err.contains("limits max_connections=9712 nofile=20000"),
+        err.contains("limits max_connections=9662 nofile=20000 endpoint_fds=100"),
         "{err}"
     );
 }
@@ -1614,6 +1669,242 @@ fn fd_exhaustion_is_backed_off_without_spinning_and_recovers() {
     }
     let l = ops.log_find("of a served flow", |l| l["bytes_up"] == 1000);
     assert_eq!(l["decision"], "allow", "{l}");
+}
+
+/// Opens `n` connections to `target` at once from wherever it runs, holds them, and prints
+/// `FLOODED` once they are made, then every 250 ms `OPEN <k>`: how many are still open (the
+/// peer has neither closed nor reset them). Exits after `hold` seconds.
+const FLOOD_PY: &str = r#"
+import resource, select, socket, sys, time
+n, host, port, hold = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
+resource.setrlimit(resource.RLIMIT_NOFILE, (n + 64, n + 64))
+fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+socks = []
+for _ in range(n):
+    s = socket.socket(fam, socket.SOCK_STREAM)
+    s.setblocking(False)
+    try:
+        s.connect((host, port))
+    except BlockingIOError:
+        pass
+    socks.append(s)
+poll = select.poll()
+for s in socks:
+    poll.register(s, select.POLLOUT)
+pending, deadline = len(socks), time.time() + 10
+while pending and time.time() < deadline:
+    for fd, _ in poll.poll(500):
+        poll.unregister(fd)
+        pending -= 1
+print("FLOODED", flush=True)
+
+def is_open(s):
+    try:
+        return s.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) != b""
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+
+end = time.time() + hold
+while time.time() < end:
+    print("OPEN", sum(1 for s in socks if is_open(s)), flush=True)
+    time.sleep(0.25)
+"#;
+
+/// The last `OPEN <k>` a flood script printed.
+fn flood_open(p: &Proc) -> Option<usize> {
+    p.stdout()
+        .lines()
+        .rev()
+        .find_map(|l| l.strip_prefix("OPEN ").and_then(|k| k.trim().parse().ok()))
+}
+
+/// Issue 10 point 3: 2,100 idle connections to `health` (reachable from other hosts) with the
+/// proxy at 2,048 fds starved every egress flow. Here the proxy runs at 1,024 fds with
+/// `max_connections = "auto"`; one host of the LAN opens 1,100 connections to health and holds
+/// them. Health keeps at most 8 of them (its cap per peer) and resets the rest, counted and
+/// logged; egress flows (up to max_connections exactly, the rest reset as overload) and
+/// kubelet-like probes from another address keep getting answers, and no accept fails;
+/// the flood's connections are closed once the header timeout passes; a local client that
+/// pipelines requests and never reads the answers is closed by the idle timeout.
+#[test]
+fn a_flood_on_health_from_one_host_costs_no_egress_flow_and_no_probe() {
+    const FLOOD: usize = 1100;
+    let world = World::builder().lan(true).start();
+    let cfg = world.write_file(
+        "config.toml",
+        &config("", "health = \"0.0.0.0:15021\"", BACKEND),
+    );
+    let script = world.write_file("flood.py", FLOOD_PY);
+    let mut ops = Ops::start_with(world, cfg, &["prlimit", "--nofile=1024:1024", "--"]);
+    let pid = ops.proxy.pid();
+    let w = &ops.world;
+    let lan = w.lan.clone().unwrap();
+    let probe_from_node = || http_get(&w.inet, "192.0.2.2:15021", "/ready");
+    assert_eq!(probe_from_node().unwrap().0, 200);
+
+    let mut flood = w.spawn_in(
+        &lan,
+        Cmd::new("python3").label("flood").args([
+            script.to_str().unwrap(),
+            &FLOOD.to_string(),
+            "198.18.0.1",
+            "15021",
+            "25",
+        ]),
+    );
+    assert!(
+        flood.wait_output("FLOODED", Duration::from_secs(20)),
+        "{flood:?}"
+    );
+    let m = ops.metrics_until("the flood refused", |m| {
+        m.get(
+            "portcullis_endpoint_refused_total",
+            &[("listener", "health"), ("reason", "peer_limit")],
+        )
+        .unwrap_or(0.0)
+            >= (FLOOD - 8) as f64
+    });
+    assert_eq!(
+        m.value("portcullis_endpoint_connections", &[("listener", "health")]),
+        8.0,
+        "health holds its cap for the flooding host"
+    );
+
+    // Meanwhile a local client pipelines requests for /metrics and never reads the answers.
+    let mut slow = connect_in(
+        &ops.world.pod,
+        ADMIN.parse().unwrap(),
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    slow.set_write_timeout(Some(Duration::from_secs(3)))
+        .unwrap();
+    // (far more answer bytes than the socket buffers hold; the write itself may stall)
+    let _ = slow.write_all(
+        "GET /metrics HTTP/1.1\r\nHost: 127.0.0.1:15000\r\n\r\n"
+            .repeat(4000)
+            .as_bytes(),
+    );
+    let slow_since = Instant::now();
+
+    // Egress flows all get through while the flood lasts (each holds its two sockets)...
+    let flows: Vec<TcpStream> = (0..40)
+        .map(|_| {
+            let mut s = ops
+                .world
+                .pod_connect(sa(addr::OTHER_V4, port::ECHO))
+                .unwrap();
+            echo(&mut s, 1000);
+            s
+        })
+        .collect();
+    // The egress flows fill max_connections ("auto": 1,024 fds less 64, the pipe pool's 512
+    // and the endpoints' 100, halved) and 100 more are reset as overload, exactly.
+    let max: usize = ops
+        .proxy
+        .stderr()
+        .split("max_connections=")
+        .nth(1)
+        .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok())
+        .expect("the limits line");
+    assert_eq!(max, (1024 - 64 - 512 - 100) / 2);
+    let hogs: Vec<io::Result<TcpStream>> = (0..max - flows.len() + 100)
+        .map(|_| ops.world.pod_connect(sa(addr::OTHER_V4, port::ECHO)))
+        .collect();
+    ops.metrics_until("max_connections reached, 100 flows past it reset", |m| {
+        m.get("portcullis_active_connections", &[]) == Some(max as f64)
+            && m.get(
+                "portcullis_connections_total",
+                &[
+                    ("decision", "deny"),
+                    ("protocol", "tcp"),
+                    ("entry", "BlackHole"),
+                    ("reason", "overload"),
+                ],
+            ) == Some(100.0)
+    });
+    // ... and so do probes from another address, the node's.
+    for _ in 0..10 {
+        let (code, body) = probe_from_node().unwrap();
+        assert_eq!((code, body.as_str()), (200, "ready\n"));
+    }
+    // A request head past 16 KiB is refused, never served.
+    let mut big = connect_in(
+        &ops.world.inet,
+        "192.0.2.2:15021".parse().unwrap(),
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    let pad = "a".repeat(20_000);
+    let _ = write!(
+        big,
+        "GET /ready HTTP/1.1\r\nHost: x\r\nX-Pad: {pad}\r\n\r\n"
+    );
+    let (raw, _) = read_to_end_timeout(&mut big, Duration::from_secs(10));
+    let answer = String::from_utf8_lossy(&raw);
+    assert!(
+        answer.is_empty() || answer.starts_with("HTTP/1.1 431 "),
+        "{answer}"
+    );
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count();
+    assert!(fds < 1024, "{fds} fds open");
+    drop(hogs);
+    drop(flows);
+    // One line per flow: the 100 overloads, and every flow that had a slot once it ended.
+    let log = ops.log(100 + max);
+    assert_eq!(
+        log.iter()
+            .filter(|l| l["decision"] == "allow" && l["bytes_up"] == 1000)
+            .count(),
+        40,
+        "{log:?}"
+    );
+    assert_eq!(
+        log.iter().filter(|l| l["reason"] == "overload").count(),
+        100
+    );
+    let err = ops.proxy.stderr();
+    assert!(!err.contains("accept failed"), "{err}");
+    assert!(
+        err.contains("connection refused: listener at its connection limit")
+            && err.contains("listener=\"health\"")
+            && err.contains("peer=198.18.0.2"),
+        "{err}"
+    );
+
+    // The flood's connections that were kept never sent a request head: closed once the
+    // header timeout (5 s) passes, and counted.
+    let closed = poll_until(Duration::from_secs(15), || flood_open(&flood) == Some(0));
+    assert!(closed, "{:?}\n{}", flood_open(&flood), ops.proxy.logs(3000));
+    let m = ops.metrics_until("the kept flood connections timed out", |m| {
+        m.get(
+            "portcullis_endpoint_closed_total",
+            &[("listener", "health"), ("reason", "header_timeout")],
+        ) == Some(8.0)
+            && m.get("portcullis_endpoint_connections", &[("listener", "health")]) == Some(0.0)
+    });
+    assert_eq!(m.value("portcullis_accept_errors_total", &[]), 0.0);
+
+    // The reader that never reads: nothing moves on its connection once the socket buffers
+    // are full, and the idle timeout (15 s) closes it.
+    std::thread::sleep(
+        (slow_since + Duration::from_secs(16)).saturating_duration_since(Instant::now()),
+    );
+    ops.metrics_until("the stalled reader closed by the idle timeout", |m| {
+        m.get(
+            "portcullis_endpoint_closed_total",
+            &[("listener", "admin"), ("reason", "idle_timeout")],
+        ) == Some(1.0)
+    });
+    assert!(
+        closed_within(&mut slow, Duration::from_secs(10)),
+        "the stalled reader is still connected"
+    );
+    flood.kill();
 }
 
 // ------------------------------------------------------------ /denied round trip

@@ -89,6 +89,8 @@ pub enum Malformed {
     BadServerName,
     /// The server_name list holds more than one host_name.
     TwoHostNames,
+    /// The server_name list holds a name whose type is not host_name.
+    OtherNameType,
     /// The request head has no Host header (or an empty one).
     NoHost,
     /// The request head has several Host headers.
@@ -122,6 +124,9 @@ impl fmt::Display for Malformed {
             Malformed::DuplicateExtension => "a ClientHello extension appears twice",
             Malformed::BadServerName => "the server_name extension is malformed",
             Malformed::TwoHostNames => "the server_name extension holds two host_names",
+            Malformed::OtherNameType => {
+                "the server_name extension holds a name that is not a host_name"
+            }
             Malformed::NoHost => "the request has no Host header",
             Malformed::DuplicateHost => "the request has several Host headers",
             Malformed::ObsFold => "the request head uses obsolete line folding",

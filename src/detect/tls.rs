@@ -294,7 +294,10 @@ pub(crate) fn parse_client_hello(body: &[u8]) -> Result<Detected, Malformed> {
     Ok(detected)
 }
 
-/// The server_name extension (RFC 6066 §3): zero or one host_name, normalised.
+/// The server_name extension (RFC 6066 §3): exactly one host_name, normalised.
+/// A name of any other type (none is defined; a lenient reader taking the
+/// first entry whatever its type would see it as the name) is `malformed`,
+/// alone or beside a host_name: no reader may find a second name.
 fn server_name(data: &[u8]) -> Result<Option<String>, Malformed> {
     let mut outer = Reader::new(data);
     let list = outer.vec16().map_err(|_| Malformed::BadServerName)?;
@@ -307,12 +310,13 @@ fn server_name(data: &[u8]) -> Result<Option<String>, Malformed> {
         let kind = r.u8().map_err(|_| Malformed::BadServerName)?;
         // RFC 6066 requires every name type, known or future, to start with a 16-bit length.
         let name = r.vec16().map_err(|_| Malformed::BadServerName)?;
-        if kind == NAME_TYPE_HOST_NAME {
-            if host.is_some() {
-                return Err(Malformed::TwoHostNames);
-            }
-            host = Some(name);
+        if kind != NAME_TYPE_HOST_NAME {
+            return Err(Malformed::OtherNameType);
         }
+        if host.is_some() {
+            return Err(Malformed::TwoHostNames);
+        }
+        host = Some(name);
     }
     match host {
         None => Ok(None),
@@ -430,12 +434,33 @@ mod tests {
                 tls(Some("a.example"), true),
             ),
             (
-                "other name type is skipped",
+                "other name type before host_name",
                 vec![(
                     EXT_SERVER_NAME,
-                    sni_entries(&[(7, b"whatever"), (0, b"x.example")]),
+                    sni_entries(&[(7, b"evil.example"), (0, b"x.example")]),
                 )],
-                tls(Some("x.example"), false),
+                malformed(Malformed::OtherNameType),
+            ),
+            (
+                "other name type after host_name",
+                vec![(
+                    EXT_SERVER_NAME,
+                    sni_entries(&[(0, b"x.example"), (1, b"evil.example")]),
+                )],
+                malformed(Malformed::OtherNameType),
+            ),
+            (
+                "other name type alone",
+                vec![(EXT_SERVER_NAME, sni_entries(&[(7, b"evil.example")]))],
+                malformed(Malformed::OtherNameType),
+            ),
+            (
+                "other name type, empty, beside host_name",
+                vec![(
+                    EXT_SERVER_NAME,
+                    sni_entries(&[(0, b"x.example"), (255, b"")]),
+                )],
+                malformed(Malformed::OtherNameType),
             ),
             (
                 "two host_names",

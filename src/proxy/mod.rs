@@ -86,6 +86,9 @@ pub struct Shared {
     pub relay_mode: RelayMode,
     pub active: AtomicUsize,
     pub max_connections: usize,
+    /// One owned permit per open flow, `max_connections` in all: exact
+    /// however many accept loops (IPv4, IPv6 listeners) take from it.
+    slots: Arc<tokio::sync::Semaphore>,
     /// SIGTERM received: /ready says 503, flows are still served.
     pub draining: AtomicBool,
     /// Listeners are bound.
@@ -174,10 +177,14 @@ pub const PIPE_SIZE: usize = 256 * 1024;
 impl Shared {
     pub fn new(config: Arc<Config>) -> io::Result<Arc<Shared>> {
         let nofile = crate::sys::raise_nofile();
+        let endpoint_fds = crate::endpoint::reserved_fds(&config.proxy);
         let max_connections = match config.proxy.max_connections {
             MaxConnections::Fixed(n) => n,
-            MaxConnections::Auto => crate::sys::auto_max_connections(nofile, MAX_PIPES),
-        };
+            MaxConnections::Auto => {
+                crate::sys::auto_max_connections(nofile, MAX_PIPES, endpoint_fds)
+            }
+        }
+        .min(tokio::sync::Semaphore::MAX_PERMITS);
         let metrics = Metrics::new();
         let access_log = AccessLogger::new(&config.proxy.access_log, metrics.log_dropped.clone())?;
         // PORTCULLIS_RELAY=copy|copy:BYTES|splice: for benchmarks only.
@@ -199,6 +206,7 @@ impl Shared {
             relay_mode,
             active: AtomicUsize::new(0),
             max_connections,
+            slots: Arc::new(tokio::sync::Semaphore::new(max_connections)),
             draining: AtomicBool::new(false),
             listening: AtomicBool::new(false),
             resolved_once: AtomicBool::new(false),
@@ -207,7 +215,7 @@ impl Shared {
             reload_status: Mutex::new(ReloadStatus::default()),
             revocation: tokio::sync::watch::Sender::new(Revocation::default()),
         });
-        tracing::info!(max_connections, nofile, "limits");
+        tracing::info!(max_connections, nofile, endpoint_fds, "limits");
         Ok(shared)
     }
 }
@@ -277,8 +285,12 @@ fn bind_one(addr: SocketAddr) -> io::Result<TcpListener> {
 /// Connection ids for the per-flow tracing span.
 static NEXT_FLOW_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
-/// Decrements the active-flow count however the flow task ends.
-struct ActiveGuard(Arc<Shared>);
+/// Holds the flow's slot and decrements the active-flow count however the
+/// flow task ends.
+struct ActiveGuard(
+    Arc<Shared>,
+    #[allow(dead_code)] tokio::sync::OwnedSemaphorePermit,
+);
 
 impl Drop for ActiveGuard {
     fn drop(&mut self) {
@@ -298,13 +310,13 @@ pub async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
-                if shared.active.load(Ordering::Acquire) >= shared.max_connections {
+                let Ok(slot) = shared.slots.clone().try_acquire_owned() else {
                     overload(&shared, stream, peer);
                     continue;
-                }
+                };
                 shared.active.fetch_add(1, Ordering::AcqRel);
                 shared.metrics.active.inc();
-                let guard = ActiveGuard(shared.clone());
+                let guard = ActiveGuard(shared.clone(), slot);
                 let s = shared.clone();
                 tokio::spawn(async move {
                     let _guard = guard;
