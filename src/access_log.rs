@@ -39,6 +39,10 @@ pub struct FlowRecord {
     pub bytes_down: u64,
     pub duration_ms: u64,
     pub error: Option<String>,
+    /// `transparent` (redirected) or `explicit` (CONNECT / absolute-form).
+    pub mode: &'static str,
+    /// Explicit proxy: the `host:port` the client asked for.
+    pub authority: Option<String>,
 }
 
 /// Queue capacity: enough for bursts of short flows while the reader is slow
@@ -342,6 +346,8 @@ mod tests {
             bytes_down: 0,
             duration_ms: 0,
             error: None,
+            mode: "transparent",
+            authority: None,
         }
     }
 

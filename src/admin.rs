@@ -57,16 +57,40 @@ pub struct Denied {
     inner: Mutex<(HashMap<DeniedKey, DeniedRecord>, u64)>,
 }
 
+/// An explicit request for a name has no original destination: its port
+/// comes from the authority the client asked for (the address part is not
+/// used for records with a name).
+fn explicit_dst(rec: &FlowRecord) -> Option<std::net::SocketAddr> {
+    let (_, port) = rec.authority.as_deref()?.rsplit_once(':')?;
+    let port: u16 = port.parse().ok()?;
+    rec.name.as_ref()?;
+    Some(std::net::SocketAddr::from(([0, 0, 0, 0], port)))
+}
+
 impl Denied {
     /// Records a flow if it was denied or audited (loops and overload are
     /// the proxy's own business, not the registry's).
     pub fn record(&self, rec: &FlowRecord) {
+        // Mismatches, forbidden addresses and refused clients of the
+        // explicit proxy are not names to allow either.
         if !matches!(rec.decision, "deny" | "audit")
-            || matches!(rec.reason, Some("loop") | Some("overload"))
+            || matches!(
+                rec.reason,
+                Some(
+                    "loop"
+                        | "overload"
+                        | "sni_mismatch"
+                        | "host_mismatch"
+                        | "forbidden_address"
+                        | "client_not_allowed"
+                )
+            )
         {
             return;
         }
-        let Some(dst) = rec.dst else { return };
+        let Some(dst) = rec.dst.or_else(|| explicit_dst(rec)) else {
+            return;
+        };
         let key = match &rec.name {
             Some(n) => DeniedKey::Name {
                 name: n.clone(),
@@ -373,6 +397,8 @@ mod tests {
             bytes_down: 0,
             duration_ms: 0,
             error: None,
+            mode: "transparent",
+            authority: None,
         }
     }
 

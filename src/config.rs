@@ -169,6 +169,11 @@ pub struct ProxySettings {
     pub max_connections: MaxConnections,
     pub access_log: AccessLog,
     pub revoke_on_reload: bool,
+    /// Explicit proxy listeners (CONNECT, absolute-form); empty: off.
+    pub explicit_listen: Vec<SocketAddr>,
+    /// Who may use a non-loopback explicit listener.
+    #[serde(serialize_with = "ser_display_vec")]
+    pub explicit_clients: Vec<Cidr>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -325,6 +330,8 @@ struct RawProxy {
     max_connections: Option<Spanned<RawMax>>,
     access_log: Option<Spanned<String>>,
     revoke_on_reload: Option<bool>,
+    explicit_listen: Option<Spanned<Vec<String>>>,
+    explicit_clients: Option<Spanned<Vec<String>>>,
 }
 
 #[derive(Deserialize)]
@@ -492,7 +499,8 @@ impl Config {
 
         let proxy = validate_proxy(&ctx, raw.proxy.as_ref().map(|p| p.get_ref()))?;
         let redirect = validate_redirect(&ctx, raw.redirect.as_ref().map(|r| r.get_ref()))?;
-        if !proxy.listen.iter().any(|a| a.port() == redirect.proxy_port) {
+        if !proxy.listen.is_empty() && !proxy.listen.iter().any(|a| a.port() == redirect.proxy_port)
+        {
             warnings.push(format!(
                 "no [proxy] listen address uses [redirect] proxy_port {}: redirected flows will not reach the proxy",
                 redirect.proxy_port
@@ -744,6 +752,7 @@ fn sockaddr(ctx: &Ctx, v: &Spanned<String>, key: &str) -> Result<Option<SocketAd
 fn validate_proxy(ctx: &Ctx, raw: Option<&RawProxy>) -> Result<ProxySettings, ConfigError> {
     let default = RawProxy::default();
     let raw = raw.unwrap_or(&default);
+    let (explicit_listen, explicit_clients) = validate_explicit(ctx, raw)?;
     let listen = match &raw.listen {
         None => vec![
             "127.0.0.1:15001".parse().expect("literal"),
@@ -762,12 +771,12 @@ fn validate_proxy(ctx: &Ctx, raw: Option<&RawProxy>) -> Result<ProxySettings, Co
                 })?;
                 out.push(a);
             }
-            if out.is_empty() {
+            if out.is_empty() && explicit_listen.is_empty() {
                 return Err(ctx.err(
                     l.span().start,
                     "[proxy] ",
                     "listen",
-                    "at least one address is needed",
+                    "at least one address is needed (or set explicit_listen for explicit proxy mode only)",
                 ));
             }
             out
@@ -848,6 +857,8 @@ fn validate_proxy(ctx: &Ctx, raw: Option<&RawProxy>) -> Result<ProxySettings, Co
         max_connections,
         access_log,
         revoke_on_reload: raw.revoke_on_reload.unwrap_or(false),
+        explicit_listen,
+        explicit_clients,
     };
     for (key, v, span) in [
         ("hello_timeout", settings.hello_timeout, &raw.hello_timeout),
@@ -869,6 +880,48 @@ fn validate_proxy(ctx: &Ctx, raw: Option<&RawProxy>) -> Result<ProxySettings, Co
         }
     }
     Ok(settings)
+}
+
+/// `explicit_listen` and `explicit_clients` (docs/DESIGN.md §2): a listener
+/// that is not loopback needs `explicit_clients`, so it is never an open proxy.
+fn validate_explicit(
+    ctx: &Ctx,
+    raw: &RawProxy,
+) -> Result<(Vec<SocketAddr>, Vec<Cidr>), ConfigError> {
+    let mut listen = Vec::new();
+    if let Some(l) = &raw.explicit_listen {
+        for s in l.get_ref() {
+            let a = s.parse::<SocketAddr>().map_err(|_| {
+                ctx.err(
+                    l.span().start,
+                    "[proxy] ",
+                    "explicit_listen",
+                    format!("`{s}` is not IP:PORT (e.g. \"127.0.0.1:3128\")"),
+                )
+            })?;
+            listen.push(a);
+        }
+    }
+    let clients = match &raw.explicit_clients {
+        Some(c) => cidrs(ctx, c, "[proxy] ", "explicit_clients")?,
+        None => Vec::new(),
+    };
+    if clients.is_empty() {
+        if let Some(a) = listen.iter().find(|a| !a.ip().is_loopback()) {
+            let off = raw
+                .explicit_listen
+                .as_ref()
+                .map(|l| l.span().start)
+                .unwrap_or(0);
+            return Err(ctx.err(
+                off,
+                "[proxy] ",
+                "explicit_clients",
+                format!("explicit_listen {a} is not loopback, so explicit_clients (the CIDRs allowed to use it) is required: an explicit proxy is never open to everyone"),
+            ));
+        }
+    }
+    Ok((listen, clients))
 }
 
 fn port_num(ctx: &Ctx, n: i64, off: usize, context: &str, key: &str) -> Result<u16, ConfigError> {

@@ -29,7 +29,35 @@ pub fn summary(cfg: &Config) -> String {
         }
     );
     let listen: Vec<String> = cfg.proxy.listen.iter().map(|a| a.to_string()).collect();
-    let _ = writeln!(out, "listen: {}", listen.join(", "));
+    if listen.is_empty() {
+        let _ = writeln!(out, "listen: none (explicit proxy only: no redirect rules)");
+    } else {
+        let _ = writeln!(out, "listen: {}", listen.join(", "));
+    }
+    if !cfg.proxy.explicit_listen.is_empty() {
+        let l: Vec<String> = cfg
+            .proxy
+            .explicit_listen
+            .iter()
+            .map(|a| a.to_string())
+            .collect();
+        let c: Vec<String> = cfg
+            .proxy
+            .explicit_clients
+            .iter()
+            .map(|a| a.to_string())
+            .collect();
+        let _ = writeln!(
+            out,
+            "explicit_listen: {} (clients: {})",
+            l.join(", "),
+            if c.is_empty() {
+                "loopback only".to_string()
+            } else {
+                c.join(", ")
+            }
+        );
+    }
     let _ = writeln!(out, "service entries: {}", cfg.entries.len());
     for e in &cfg.entries {
         let hosts: Vec<String> = e.hosts.iter().map(|h| h.to_string()).collect();

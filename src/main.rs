@@ -61,8 +61,15 @@ enum Command {
         #[arg(short, long, default_value = DEFAULT_PATH)]
         config: PathBuf,
         /// The original destination, IP:PORT.
-        #[arg(long)]
-        dst: SocketAddr,
+        #[arg(long, required_unless_present_any = ["connect", "url"], conflicts_with_all = ["connect", "url"])]
+        dst: Option<SocketAddr>,
+        /// Explicit proxy: a `CONNECT HOST:PORT` request (with --sni or
+        /// --host: what the tunnel's first bytes present).
+        #[arg(long, conflicts_with = "url")]
+        connect: Option<String>,
+        /// Explicit proxy: an absolute-form request for this http:// URL.
+        #[arg(long, conflicts_with_all = ["sni", "host"])]
+        url: Option<String>,
         /// The TLS SNI the client presents.
         #[arg(long, conflicts_with = "host")]
         sni: Option<String>,
@@ -234,14 +241,31 @@ fn main() -> ExitCode {
         Command::Explain {
             config,
             dst,
+            connect,
+            url,
             sni,
             host,
         } => match load(&config) {
             Ok(cfg) => {
-                print!(
-                    "{}",
-                    portcullis::explain::explain(cfg, dst, sni.as_deref(), host.as_deref())
-                );
+                let text = match (dst, connect, url) {
+                    (Some(dst), _, _) => {
+                        portcullis::explain::explain(cfg, dst, sni.as_deref(), host.as_deref())
+                    }
+                    (None, connect, url) => match portcullis::proxy::explicit::explain(
+                        cfg,
+                        connect.as_deref(),
+                        url.as_deref(),
+                        sni.as_deref(),
+                        host.as_deref(),
+                    ) {
+                        Ok(t) => t,
+                        Err(e) => {
+                            eprintln!("{e}");
+                            return ExitCode::from(2);
+                        }
+                    },
+                };
+                print!("{text}");
                 ExitCode::SUCCESS
             }
             Err(code) => code,

@@ -65,6 +65,16 @@ pub enum Reason {
     Timeout,
     Dns,
     Overload,
+    /// Explicit proxy: the ClientHello inside a CONNECT tunnel names another host.
+    SniMismatch,
+    /// Explicit proxy: the Host inside a CONNECT tunnel, or of an
+    /// absolute-form request, names another host.
+    HostMismatch,
+    /// Explicit proxy: the name resolves only to loopback, link-local,
+    /// unspecified, multicast or the proxy's own addresses.
+    ForbiddenAddress,
+    /// Explicit proxy: the client is outside `explicit_clients`.
+    ClientNotAllowed,
 }
 
 impl Reason {
@@ -78,6 +88,10 @@ impl Reason {
             Reason::Timeout => "timeout",
             Reason::Dns => "dns",
             Reason::Overload => "overload",
+            Reason::SniMismatch => "sni_mismatch",
+            Reason::HostMismatch => "host_mismatch",
+            Reason::ForbiddenAddress => "forbidden_address",
+            Reason::ClientNotAllowed => "client_not_allowed",
         }
     }
 }

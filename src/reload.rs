@@ -175,6 +175,10 @@ pub fn plan(started: &Config, old: &Config, mut new: Config) -> Plan {
         restart.push("proxy.listen".to_string());
         b.listen = a.listen.clone();
     }
+    if a.explicit_listen != b.explicit_listen {
+        restart.push("proxy.explicit_listen".to_string());
+        b.explicit_listen = a.explicit_listen.clone();
+    }
     if a.health != b.health {
         restart.push("proxy.health".to_string());
         b.health = a.health;

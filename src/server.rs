@@ -40,7 +40,13 @@ pub async fn run(path: &Path) -> Result<(), RunError> {
     // Taken before reading, so an edit racing the start is seen as a change.
     let loaded = crate::reload::watch_state(path);
     let config = Arc::new(Config::load(path)?);
-    check_self_exclusion(&config)?;
+    if config.proxy.listen.is_empty() {
+        // Explicit proxy only: no redirect rules exist, so nothing of ours
+        // can loop back and the proxy need not be excluded from them.
+        tracing::info!("listen = []: explicit proxy only, no self-exclusion check");
+    } else {
+        check_self_exclusion(&config)?;
+    }
     for w in &config.warnings {
         tracing::warn!("{w}");
     }
@@ -51,12 +57,17 @@ pub async fn run(path: &Path) -> Result<(), RunError> {
         hup: signal(SignalKind::hangup())?,
     };
     let shared = Shared::new(config.clone())?;
-    let listeners = bind_listeners(&config.proxy.listen)?;
-    for l in listeners {
-        if let Ok(a) = l.local_addr() {
-            tracing::info!(addr = %a, "listening");
+    if !config.proxy.listen.is_empty() {
+        let listeners = bind_listeners(&config.proxy.listen)?;
+        for l in listeners {
+            if let Ok(a) = l.local_addr() {
+                tracing::info!(addr = %a, "listening");
+            }
+            tokio::spawn(accept_loop(shared.clone(), l));
         }
-        tokio::spawn(accept_loop(shared.clone(), l));
+    }
+    if !config.proxy.explicit_listen.is_empty() {
+        crate::proxy::explicit::start(shared.clone(), &config.proxy.explicit_listen)?;
     }
     spawn_tcp_resolution(shared.clone(), shared.generation());
     crate::admin::spawn(shared.clone(), &config).await?;

@@ -21,7 +21,7 @@ fn check_valid_example() {
     let (code, out, err) = portcullis(&["check", "-c", "config.toml"]);
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("config.toml: valid"), "{out}");
-    assert!(out.contains("payments-api (line 59)"), "{out}");
+    assert!(out.contains("payments-api (line 61)"), "{out}");
     assert!(out.contains("service entries: 5"), "{out}");
 }
 
@@ -79,7 +79,7 @@ fn explain_decisions() {
     assert_eq!(code, 0);
     assert!(out.contains("decision: allow"), "{out}");
     assert!(
-        out.contains("entry: payments-api (config.toml:59)"),
+        out.contains("entry: payments-api (config.toml:61)"),
         "{out}"
     );
     assert!(out.contains("would resolve api.example.com"), "{out}");
@@ -101,7 +101,7 @@ fn explain_decisions() {
 
     let (_, out, _) = portcullis(&["explain", "-c", "config.toml", "--dst", "198.51.100.7:5432"]);
     assert!(
-        out.contains("decision: allow") && out.contains("orders-db (config.toml:77)"),
+        out.contains("decision: allow") && out.contains("orders-db (config.toml:79)"),
         "{out}"
     );
 

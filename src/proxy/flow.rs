@@ -69,6 +69,8 @@ impl Flow {
                 bytes_down: 0,
                 duration_ms: 0,
                 error: None,
+                mode: "transparent",
+                authority: None,
             },
             counted: false,
         }

@@ -3,6 +3,7 @@
 //! limit, and the background resolution of DNS TCP entries.
 
 pub mod deny;
+pub mod explicit;
 pub mod flow;
 pub mod upstream;
 
@@ -371,6 +372,8 @@ fn overload(shared: &Shared, stream: tokio::net::TcpStream, peer: SocketAddr) {
             "max_connections ({}) reached",
             shared.max_connections
         )),
+        mode: "transparent",
+        authority: None,
     });
 }
 
