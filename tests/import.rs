@@ -439,6 +439,13 @@ fn include_at_start_check_and_explain_name_the_source() {
         e.contains(&format!("entry: api ({}:3)", inc.display())),
         "{e}"
     );
+    // the explicit proxy's explain too
+    let (code, e, err) = portcullis(&["explain", "-c", c, "--connect", "api.example.com:443"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        e.contains(&format!("entry: api ({}:3)", inc.display())),
+        "{e}"
+    );
 
     // a pattern matching the config file itself, and two patterns matching
     // one file: each file is read once
