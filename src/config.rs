@@ -25,6 +25,13 @@ pub enum ConfigError {
     },
     #[error("{path}:{message}")]
     Syntax { path: String, message: String },
+    /// An included file (`include`) that cannot be read as entries.
+    #[error("{path}:{line}: {message}")]
+    Include {
+        path: String,
+        line: usize,
+        message: String,
+    },
     #[error("{path}:{line}: {context}key `{key}`: {message}")]
     Invalid {
         path: String,
@@ -95,7 +102,10 @@ pub struct Endpoint {
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct ServiceEntry {
     pub name: String,
-    /// 1-based line of the entry's `[[service_entry]]` table in the file.
+    /// The file the entry comes from: the config file, or an included one.
+    pub source: PathBuf,
+    /// 1-based line of the entry in `source`: its `[[service_entry]]` table,
+    /// or its ServiceEntry in included YAML.
     pub line: usize,
     #[serde(serialize_with = "ser_display_vec")]
     pub hosts: Vec<HostPattern>,
@@ -110,6 +120,15 @@ pub struct ServiceEntry {
 impl ServiceEntry {
     pub fn port(&self, number: u16) -> Option<&Port> {
         self.ports.iter().find(|p| p.number == number)
+    }
+    /// Where the entry is written, for an operator: "line N" in the config
+    /// file `main`, "FILE:N" in an included file.
+    pub fn origin(&self, main: &Path) -> String {
+        if self.source == main {
+            format!("line {}", self.line)
+        } else {
+            format!("{}:{}", self.source.display(), self.line)
+        }
     }
     /// Whether `addresses` (if any) admit `ip`.
     pub fn admits_ip(&self, ip: IpAddr) -> bool {
@@ -213,6 +232,8 @@ pub struct Config {
     pub audit: bool,
     pub proxy: ProxySettings,
     pub redirect: Redirect,
+    /// `include` patterns as written (relative to the config file).
+    pub include: Vec<String>,
     pub entries: Vec<ServiceEntry>,
     /// Things `check` reports that do not make the file invalid.
     pub warnings: Vec<String>,
@@ -285,6 +306,15 @@ struct RawConfig {
     audit: Option<bool>,
     proxy: Option<Spanned<RawProxy>>,
     redirect: Option<Spanned<RawRedirect>>,
+    include: Option<Spanned<Vec<String>>>,
+    #[serde(default)]
+    service_entry: Vec<Spanned<RawEntry>>,
+}
+
+/// An included TOML file: `[[service_entry]]` tables and nothing else.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawFragment {
     #[serde(default)]
     service_entry: Vec<Spanned<RawEntry>>,
 }
@@ -503,6 +533,13 @@ impl Config {
             }
             entries.push(e);
         }
+        let include = match &raw.include {
+            None => vec![],
+            Some(v) => {
+                load_includes(&ctx, path, v, &mut entries, &mut warnings)?;
+                v.get_ref().clone()
+            }
+        };
         if entries.is_empty() && policy == Policy::RegistryOnly && !audit {
             warnings.push("the registry is empty: under REGISTRY_ONLY every flow is denied".into());
         }
@@ -513,6 +550,7 @@ impl Config {
             audit,
             proxy,
             redirect,
+            include,
             entries,
             warnings,
         })
@@ -1353,6 +1391,7 @@ fn validate_entry(
     };
     Ok(ServiceEntry {
         name,
+        source: PathBuf::from(ctx.path),
         line,
         hosts,
         ports,
@@ -1388,6 +1427,226 @@ pub fn check_self_exclusion(
     Err(format!(
         "refusing to start: the proxy runs as uid {euid} gid {egid} but [redirect] excludes only {who}{mark}; its own upstream connections would be redirected back to itself. Run it as {who} (or use `run --redirect`, which does)"
     ))
+}
+
+// ---------------------------------------------------------------- include
+
+/// The files an `include` pattern matches now, sorted. Patterns are relative
+/// to the config file's directory; `*`, `?` and `[..]` never match a leading
+/// dot, so a ConfigMap volume's `..data/` and `..2026_*/` twins (and editor
+/// dot-files) are not read; directories are skipped.
+pub fn include_matches(config: &Path, pattern: &str) -> Result<Vec<PathBuf>, String> {
+    let base = config.parent().unwrap_or(Path::new(""));
+    let full = if Path::new(pattern).is_absolute() {
+        pattern.to_string()
+    } else {
+        let b = base.to_string_lossy();
+        if b.is_empty() {
+            pattern.to_string()
+        } else {
+            format!("{}/{pattern}", glob::Pattern::escape(&b))
+        }
+    };
+    let opts = glob::MatchOptions {
+        case_sensitive: true,
+        require_literal_separator: true,
+        require_literal_leading_dot: true,
+    };
+    let paths = glob::glob_with(&full, opts).map_err(|e| format!("`{pattern}`: {e}"))?;
+    let mut out: Vec<PathBuf> = paths
+        .filter_map(Result::ok)
+        .filter(|p| !p.is_dir())
+        .collect();
+    out.sort();
+    Ok(out)
+}
+
+/// The `include` patterns of the config file at `path`, read leniently (for
+/// the reload watcher, which must watch them even while the file is invalid).
+pub fn include_patterns(path: &Path) -> Vec<String> {
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|s| s.parse::<toml::Table>().ok())
+        .and_then(|t| t.get("include").cloned())
+        .and_then(|v| v.as_array().cloned())
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn is_yaml(p: &Path) -> bool {
+    matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml"))
+}
+
+/// Reads every included file into `entries`: TOML fragments through the same
+/// validation as the config file's own entries, YAML through `import`'s
+/// converter. Entry names are unique across all files.
+fn load_includes(
+    ctx: &Ctx,
+    path: &Path,
+    patterns: &Spanned<Vec<String>>,
+    entries: &mut Vec<ServiceEntry>,
+    warnings: &mut Vec<String>,
+) -> Result<(), ConfigError> {
+    let off = patterns.span().start;
+    let mut seen_files = HashSet::new();
+    // `include = ["*.toml"]` beside the config file must not read the file itself
+    if let Ok(own) = std::fs::canonicalize(path) {
+        seen_files.insert(own);
+    }
+    for pattern in patterns.get_ref() {
+        let files = include_matches(path, pattern).map_err(|m| ctx.err(off, "", "include", m))?;
+        if files.is_empty() {
+            warnings.push(format!(
+                "{}:{}: include `{pattern}` matches no file",
+                ctx.path,
+                ctx.line_of(off)
+            ));
+        }
+        for file in files {
+            let real = std::fs::canonicalize(&file).unwrap_or_else(|_| file.clone());
+            if !seen_files.insert(real) {
+                continue; // the config file itself, or a file two patterns match
+            }
+            let shown = file.display().to_string();
+            let text = std::fs::read_to_string(&file).map_err(|source| ConfigError::Read {
+                path: shown.clone(),
+                source,
+            })?;
+            let before = entries.len();
+            if is_yaml(&file) {
+                include_yaml(&shown, &text, entries, warnings)?;
+            } else {
+                include_toml(&shown, &text, entries, warnings)?;
+            }
+            // names unique across the config file and every included file
+            for i in before..entries.len() {
+                let e = &entries[i];
+                if let Some(first) = entries[..i].iter().find(|f| f.name == e.name) {
+                    return Err(ConfigError::Include {
+                        path: shown,
+                        line: e.line,
+                        message: format!(
+                            "service_entry \"{}\": the name is already used at {}:{} (entry names must be unique)",
+                            e.name,
+                            first.source.display(),
+                            first.line
+                        ),
+                    });
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn include_toml(
+    shown: &str,
+    text: &str,
+    entries: &mut Vec<ServiceEntry>,
+    warnings: &mut Vec<String>,
+) -> Result<(), ConfigError> {
+    let raw: RawFragment = toml::from_str(text).map_err(|e| match toml_error(shown, text, &e) {
+        ConfigError::Invalid {
+            path,
+            line,
+            context,
+            key,
+            message,
+        } if context.is_empty() => ConfigError::Invalid {
+            path,
+            line,
+            context,
+            key,
+            message: format!(
+                "{message}; an included TOML file holds only [[service_entry]] tables"
+            ),
+        },
+        other => other,
+    })?;
+    let ctx = Ctx {
+        path: shown,
+        src: text,
+        entry_headers: entry_headers(text),
+    };
+    for (i, r) in raw.service_entry.iter().enumerate() {
+        entries.push(validate_entry(&ctx, i, r, warnings)?);
+    }
+    Ok(())
+}
+
+fn include_yaml(
+    shown: &str,
+    text: &str,
+    entries: &mut Vec<ServiceEntry>,
+    warnings: &mut Vec<String>,
+) -> Result<(), ConfigError> {
+    let mut out = crate::import::Outcome::default();
+    crate::import::convert_file(shown, text, &crate::import::Options::default(), &mut out)
+        .map_err(|e| match e {
+            crate::import::ImportError::NotYaml {
+                file,
+                line,
+                message,
+            } => ConfigError::Include {
+                path: file,
+                line,
+                message: format!("not YAML: {message}"),
+            },
+            crate::import::ImportError::Input { file, message } => ConfigError::Include {
+                path: file,
+                line: 1,
+                message,
+            },
+        })?;
+    warnings.extend(out.skipped.iter().cloned());
+    for c in &out.entries {
+        if let Some(why) = &c.refused {
+            return Err(ConfigError::Include {
+                path: shown.to_string(),
+                line: c.line,
+                message: format!(
+                    "ServiceEntry {} cannot be included: {why} (`portcullis import` shows the entry it would write)",
+                    c.name
+                ),
+            });
+        }
+        for n in &c.notes {
+            warnings.push(format!("{shown}:{}: ServiceEntry {}: {n}", c.line, c.name));
+        }
+        for t in &c.tables {
+            let src = format!("[[service_entry]]\n{}", t.body);
+            let fail = |message: String| ConfigError::Include {
+                path: shown.to_string(),
+                line: c.line,
+                message: format!("ServiceEntry {}: {message}", c.name),
+            };
+            let raw: RawFragment = toml::from_str(&src).map_err(|e| fail(e.message().into()))?;
+            let ctx = Ctx {
+                path: shown,
+                src: &src,
+                entry_headers: vec![1],
+            };
+            let Some(r) = raw.service_entry.first() else {
+                continue;
+            };
+            let mut e = validate_entry(&ctx, 0, r, warnings).map_err(|e| match e {
+                ConfigError::Invalid {
+                    context,
+                    key,
+                    message,
+                    ..
+                } => fail(format!("{context}key `{key}`: {message}")),
+                other => fail(other.to_string()),
+            })?;
+            e.line = c.line;
+            entries.push(e);
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

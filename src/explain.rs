@@ -67,9 +67,9 @@ pub fn summary(cfg: &Config) -> String {
             .map(|p| format!("{}/{}", p.number, p.protocol.as_str()))
             .collect();
         let mut line = format!(
-            "  {} (line {}): {} on {}, resolution {:?}",
+            "  {} ({}): {} on {}, resolution {:?}",
             e.name,
-            e.line,
+            e.origin(&cfg.path),
             if hosts.is_empty() {
                 "-".to_string()
             } else {
@@ -207,7 +207,7 @@ pub fn explain(cfg: Arc<Config>, dst: SocketAddr, sni: Option<&str>, host: Optio
     match verdict.entry {
         Some(i) => {
             let e = reg.entry(i);
-            let _ = writeln!(out, "entry: {} ({}:{})", e.name, cfg.path.display(), e.line);
+            let _ = writeln!(out, "entry: {} ({}:{})", e.name, e.source.display(), e.line);
         }
         None => {
             let _ = writeln!(out, "entry: none ({})", reg.entry_label(&verdict));
@@ -257,7 +257,14 @@ pub fn explain(cfg: Arc<Config>, dst: SocketAddr, sni: Option<&str>, host: Optio
         .entries
         .iter()
         .filter_map(|e| e.port(dst.port()).map(|p| (e, p)))
-        .map(|(e, p)| format!("{} ({} line {})", e.name, p.protocol.as_str(), e.line))
+        .map(|(e, p)| {
+            format!(
+                "{} ({} {})",
+                e.name,
+                p.protocol.as_str(),
+                e.origin(&cfg.path)
+            )
+        })
         .collect();
     if verdict.entry.is_none() {
         if candidates.is_empty() {
@@ -281,9 +288,9 @@ pub fn explain(cfg: Arc<Config>, dst: SocketAddr, sni: Option<&str>, host: Optio
             let hosts: Vec<String> = e.hosts.iter().map(|h| h.to_string()).collect();
             let _ = writeln!(
                 out,
-                "note: TCP entry {} (line {}) admits this flow at once if {} is among what {} resolves to (explain never resolves)",
+                "note: TCP entry {} ({}) admits this flow at once if {} is among what {} resolves to (explain never resolves)",
                 e.name,
-                e.line,
+                e.origin(&cfg.path),
                 dst.ip(),
                 hosts.join(", ")
             );

@@ -11,7 +11,8 @@
 //!   and the recently denied flows, `endpoint` bounds and serves its
 //!   listeners; `server` is `portcullis run`.
 //! - `name`, `net`: names and addresses as every stage sees them;
-//! - `explain`: the decision rendered for an operator.
+//! - `explain`: the decision rendered for an operator;
+//! - `import`: Istio ServiceEntry YAML to entries (`portcullis import`, `include`).
 
 #![forbid(unsafe_code)]
 
@@ -22,6 +23,7 @@ pub mod detect;
 pub mod endpoint;
 pub mod explain;
 pub mod host_mode;
+pub mod import;
 pub mod init;
 pub mod metrics;
 pub mod name;

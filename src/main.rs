@@ -77,6 +77,63 @@ enum Command {
         #[arg(long)]
         host: Option<String>,
     },
+    /// Istio ServiceEntry YAML to a complete config on stdout (`-` reads stdin).
+    Import {
+        /// YAML files (several documents, `kind: List`, other kinds skipped).
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// Keep only the ServiceEntries visible in this namespace (exportTo).
+        #[arg(long)]
+        namespace: Option<String>,
+    },
+}
+
+/// `portcullis import`: exit 1 when an input is unreadable or not YAML, or
+/// when no ServiceEntry was converted; warnings on stderr.
+fn import(files: &[PathBuf], namespace: Option<String>) -> ExitCode {
+    use portcullis::import;
+    let opts = import::Options { namespace };
+    let mut out = import::Outcome::default();
+    let mut sources = Vec::new();
+    for f in files {
+        let (shown, text) = if f.as_os_str() == "-" {
+            let mut s = String::new();
+            if let Err(e) = std::io::Read::read_to_string(&mut std::io::stdin(), &mut s) {
+                eprintln!("portcullis import: -: cannot read stdin: {e}");
+                return ExitCode::from(1);
+            }
+            ("-".to_string(), s)
+        } else {
+            match std::fs::read_to_string(f) {
+                Ok(s) => (f.display().to_string(), s),
+                Err(e) => {
+                    eprintln!("portcullis import: {}: cannot read: {e}", f.display());
+                    return ExitCode::from(1);
+                }
+            }
+        };
+        if let Err(e) = import::convert_file(&shown, &text, &opts, &mut out) {
+            eprintln!("portcullis import: {e}");
+            return ExitCode::from(1);
+        }
+        sources.push(shown);
+    }
+    out.dedupe();
+    for w in import::warnings(&out) {
+        eprintln!("portcullis import: warning: {w}");
+    }
+    let converted = out.entries.iter().filter(|e| e.refused.is_none()).count();
+    if converted == 0 {
+        let first = sources.first().map(String::as_str).unwrap_or("-");
+        eprintln!(
+            "portcullis import: {first}:1: no ServiceEntry converted ({} found, {} refused)",
+            out.entries.len(),
+            out.entries.len() - converted
+        );
+        return ExitCode::from(1);
+    }
+    print!("{}", import::render_config(&sources, &out));
+    ExitCode::SUCCESS
 }
 
 fn load(path: &std::path::Path) -> Result<Arc<Config>, ExitCode> {
@@ -173,6 +230,7 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Import { files, namespace } => import(&files, namespace),
         Command::Check { config } => match load(&config) {
             Ok(cfg) => {
                 print!("{}", portcullis::explain::summary(&cfg));

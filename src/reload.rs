@@ -8,6 +8,11 @@
 //! over the old one, which changes the inode the path leads to, so it is seen
 //! like an edit in place. One task owns both triggers and the fingerprint of
 //! the file as last read, so a SIGHUP after an edit does not reload twice.
+//!
+//! Included files (`include`) are watched the same way: each tick the
+//! patterns are matched again in their directories and every match is
+//! fingerprinted, so an included ConfigMap's `..data` swap, a file added or a
+//! file removed triggers a reload like an edit of the config file.
 
 use std::collections::{HashMap, HashSet};
 use std::os::unix::fs::MetadataExt;
@@ -75,17 +80,40 @@ pub fn fingerprint(path: &Path) -> Option<Fingerprint> {
     })
 }
 
+/// Everything a reload reads: the config file and each file its `include`
+/// patterns match now (patterns read leniently, so an invalid config file
+/// still has its includes watched).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WatchState {
+    config: Option<Fingerprint>,
+    included: Vec<(PathBuf, Option<Fingerprint>)>,
+}
+
+pub fn watch_state(path: &Path) -> WatchState {
+    let config = fingerprint(path);
+    let mut included = Vec::new();
+    for pattern in crate::config::include_patterns(path) {
+        if let Ok(files) = crate::config::include_matches(path, &pattern) {
+            included.extend(files.into_iter().map(|f| {
+                let fp = fingerprint(&f);
+                (f, fp)
+            }));
+        }
+    }
+    WatchState { config, included }
+}
+
 const POLL: Duration = Duration::from_secs(1);
 /// A changed file must stay unchanged this long before it is read, so a
 /// writer caught half-way is not reported as an invalid config.
 const SETTLE: Duration = Duration::from_millis(200);
 
 /// Starts the reload task; returns the sender SIGHUP uses. `loaded` is the
-/// fingerprint taken before the running config was read.
+/// state taken before the running config was read.
 pub fn spawn_watcher(
     shared: Arc<Shared>,
     path: PathBuf,
-    loaded: Option<Fingerprint>,
+    loaded: WatchState,
 ) -> mpsc::Sender<Trigger> {
     let (tx, mut rx) = mpsc::channel::<Trigger>(8);
     tokio::spawn(async move {
@@ -104,19 +132,22 @@ pub fn spawn_watcher(
                     Some(Trigger::FileChanged) => "file changed",
                 },
                 _ = tick.tick() => {
-                    let now = fingerprint(&path);
-                    if now.is_none() || now == last {
+                    let now = watch_state(&path);
+                    if now.config.is_none() || now == last {
                         continue;
                     }
                     tokio::time::sleep(SETTLE).await;
-                    if fingerprint(&path) != now {
+                    if watch_state(&path) != now {
                         continue; // still being written: look again next tick
                     }
                     "file changed"
                 }
             };
             // Taken before reading: a change made after it is seen next tick.
-            last = fingerprint(&path).or(last);
+            let now = watch_state(&path);
+            if now.config.is_some() {
+                last = now;
+            }
             reload(&shared, &path, why);
         }
     });
@@ -525,6 +556,36 @@ mod tests {
             before, after,
             "same size, maybe same mtime: the inode differs"
         );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn watch_state_follows_included_files_and_their_configmap_swap() {
+        let dir = std::env::temp_dir().join(format!("portcullis-ws-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let istio = dir.join("istio");
+        std::fs::create_dir_all(istio.join("..2026_01")).unwrap();
+        std::fs::write(istio.join("..2026_01/se.yaml"), "a: 1\n").unwrap();
+        std::os::unix::fs::symlink("..2026_01", istio.join("..data")).unwrap();
+        std::os::unix::fs::symlink("..data/se.yaml", istio.join("se.yaml")).unwrap();
+        let cfg = dir.join("config.toml");
+        std::fs::write(&cfg, "include = [\"istio/*.yaml\", \"entries/*.toml\"]\n").unwrap();
+        let before = watch_state(&cfg);
+        assert_eq!(before.included.len(), 1, "{before:?}: not ..data/ again");
+        assert_eq!(watch_state(&cfg), before);
+        // the ConfigMap swap
+        std::fs::create_dir_all(istio.join("..2026_02")).unwrap();
+        std::fs::write(istio.join("..2026_02/se.yaml"), "a: 2\n").unwrap();
+        std::os::unix::fs::symlink("..2026_02", istio.join("..data_tmp")).unwrap();
+        std::fs::rename(istio.join("..data_tmp"), istio.join("..data")).unwrap();
+        let swapped = watch_state(&cfg);
+        assert_ne!(swapped, before);
+        // a file appearing under another pattern
+        std::fs::create_dir_all(dir.join("entries")).unwrap();
+        std::fs::write(dir.join("entries/a.toml"), "").unwrap();
+        let added = watch_state(&cfg);
+        assert_ne!(added, swapped);
+        assert_eq!(added.included.len(), 2);
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -38,7 +38,7 @@ pub fn check_self_exclusion(cfg: &Config) -> Result<(), RunError> {
 /// Runs the proxy until SIGTERM/SIGINT and the drain that follows.
 pub async fn run(path: &Path) -> Result<(), RunError> {
     // Taken before reading, so an edit racing the start is seen as a change.
-    let loaded = crate::reload::fingerprint(path);
+    let loaded = crate::reload::watch_state(path);
     let config = Arc::new(Config::load(path)?);
     if config.proxy.listen.is_empty() {
         // Explicit proxy only: no redirect rules exist, so nothing of ours

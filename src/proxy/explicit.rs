@@ -1023,7 +1023,7 @@ pub fn explain(
     match v.entry {
         Some(i) => {
             let e = reg.entry(i);
-            let _ = writeln!(out, "entry: {} ({}:{})", e.name, cfg.path.display(), e.line);
+            let _ = writeln!(out, "entry: {} ({}:{})", e.name, e.source.display(), e.line);
         }
         None => {
             let _ = writeln!(out, "entry: none ({})", reg.entry_label(&v));
