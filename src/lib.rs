@@ -8,7 +8,8 @@
 //!   the stages together for one connection.
 //! - `config`: the TOML file becomes a validated [`config::Config`];
 //!   `reload` swaps it at run time; `admin` serves health, metrics, config
-//!   and the recently denied flows; `server` is `portcullis run`.
+//!   and the recently denied flows; `page` the traffic page and `/api/`
+//!   (and `portcullis status`); `server` is `portcullis run`.
 //! - `name`, `net`: names and addresses as every stage sees them;
 //! - `explain`: the decision rendered for an operator.
 
@@ -22,6 +23,7 @@ pub mod init;
 pub mod metrics;
 pub mod name;
 pub mod net;
+pub mod page;
 pub mod proxy;
 pub mod registry;
 pub mod relay;
