@@ -46,6 +46,10 @@ pub struct DeniedRecord {
     pub decision: &'static str,
     pub reason: Option<&'static str>,
     pub count: u64,
+    /// Of `count`, the flows denied and those audited (a reload may switch
+    /// audit on or off: one name can be both).
+    pub denied: u64,
+    pub audited: u64,
     pub last_seen: String,
     /// Insertion clock of the last flow: orders records by recency.
     #[serde(skip)]
@@ -112,6 +116,11 @@ impl Denied {
         // get_mut also marks the record most recent
         if let Some(e) = g.map.get_mut(&key) {
             e.count += 1;
+            if rec.decision == "audit" {
+                e.audited += 1;
+            } else {
+                e.denied += 1;
+            }
             e.seen = seen;
             e.decision = rec.decision;
             e.reason = rec.reason;
@@ -133,6 +142,8 @@ impl Denied {
                 decision: rec.decision,
                 reason: rec.reason,
                 count: 1,
+                denied: u64::from(rec.decision != "audit"),
+                audited: u64::from(rec.decision == "audit"),
                 last_seen: now,
                 seen,
             },
@@ -511,6 +522,22 @@ mod tests {
             .any(|r| r.name.as_deref() == Some("n0.example.com")));
         let newest = format!("n{}.example.com", DENIED_MAX + 49);
         assert_eq!(snap[0].name.as_deref(), Some(newest.as_str()));
+    }
+
+    #[test]
+    fn denied_counts_deny_and_audit_apart() {
+        // a reload switched audit on: the same name was denied, then audited
+        let d = Denied::default();
+        let mut r = rec(Some("www.example.org"), "203.0.113.5", 443, "tls");
+        r.decision = "deny";
+        d.record(&r);
+        r.decision = "audit";
+        d.record(&r);
+        d.record(&r);
+        let snap = d.snapshot();
+        assert_eq!(snap.len(), 1);
+        assert_eq!((snap[0].count, snap[0].denied, snap[0].audited), (3, 1, 2));
+        assert_eq!(snap[0].decision, "audit", "the latest decision");
     }
 
     #[test]

@@ -511,7 +511,12 @@ fn denied_page(records: &[DeniedRecord], cfg: &crate::config::Config, q: &Denied
             )
         });
         g.0.count += r.count;
-        *g.0.decisions.entry(r.decision).or_default() += r.count;
+        if r.denied > 0 {
+            *g.0.decisions.entry("deny").or_default() += r.denied;
+        }
+        if r.audited > 0 {
+            *g.0.decisions.entry("audit").or_default() += r.audited;
+        }
         if let Some(why) = r.reason {
             *g.0.reasons.entry(why).or_default() += r.count;
         }

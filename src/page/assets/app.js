@@ -127,7 +127,7 @@
     }
     const idle = entries.length - busy.length;
     $('graph-note').textContent =
-      (idle ? idle + ' entries without flows are not drawn. ' : '') +
+      (idle ? idle + (idle === 1 ? ' entry' : ' entries') + ' without flows not drawn. ' : '') +
       (rest.length ? 'The ' + rest.length + ' least busy entries are drawn as one node; the table lists them all.' : '');
 
     const rowH = 46;
