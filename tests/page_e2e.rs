@@ -56,8 +56,12 @@ struct Pod {
 
 impl Pod {
     fn start() -> Pod {
+        Pod::start_with(&config(false))
+    }
+
+    fn start_with(text: &str) -> Pod {
         let world = World::start();
-        let cfg = world.write_file("config.toml", &config(false));
+        let cfg = world.write_file("config.toml", text);
         world.init(&cfg);
         let proxy = world.spawn_proxy(&["run", "-c", cfg.to_str().unwrap()]);
         world.wait_tcp(&world.pod, "127.0.0.1:15001".parse().unwrap());
@@ -587,7 +591,111 @@ fn page_updates_in_place_when_new_flows_arrive() {
     );
     let history_after = b.cdp.call("Page.getNavigationHistory", json!({}));
     assert_eq!(history_after, history, "a navigation happened");
+    b.cdp
+        .eval("document.querySelector('#denied tr[data-name=\"www.example.org\"] details').open = true; 1");
     b.cdp.screenshot(&artefact("traffic-page-after-audit.png"));
+}
+
+/// Sets a search box's value as typing would (an `input` event).
+fn type_into(cdp: &mut Cdp, id: &str, text: &str) {
+    cdp.eval(&format!(
+        "(() => {{ const e = document.getElementById('{id}'); e.value = {}; e.dispatchEvent(new Event('input')); return 1; }})()",
+        json!(text)
+    ));
+}
+
+#[track_caller]
+fn wait_text(cdp: &mut Cdp, expr: &str, want: impl Fn(&str) -> bool) -> String {
+    let t = Instant::now();
+    loop {
+        let v = cdp.eval(expr);
+        let s = v.as_str().unwrap_or_default().to_string();
+        if want(&s) {
+            return s;
+        }
+        assert!(t.elapsed() < Duration::from_secs(20), "{expr}: {s}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn page_stays_readable_with_hundreds_of_entries_and_thousands_of_names() {
+    const ENTRIES_N: usize = 300;
+    const NAMES_N: usize = 2000;
+    let mut text = config(false);
+    for i in 0..ENTRIES_N {
+        text.push_str(&format!(
+            "\n[[service_entry]]\nname = \"svc-{i}\"\nhosts = [\"svc-{i}.example.com\"]\nports = [{{ number = 443, protocol = \"TLS\" }}]\n"
+        ));
+    }
+    let mut pod = Pod::start_with(&text);
+    pod.flow("https://api.example.com/");
+    // thousands of names a client invents, each denied
+    let t = Instant::now();
+    for i in 0..NAMES_N {
+        let mut s = pod.world.pod_connect(sa(addr::ORG_V4, port::HTTP)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        write!(s, "GET / HTTP/1.1\r\nHost: n{i}.example\r\nConnection: close\r\n\r\n").unwrap();
+        let mut answer = Vec::new();
+        let _ = s.read_to_end(&mut answer);
+        assert!(answer.starts_with(b"HTTP/1.1 403"), "{}", String::from_utf8_lossy(&answer));
+    }
+    eprintln!("{NAMES_N} denied flows in {:?}", t.elapsed());
+    let log = pod.log(1 + NAMES_N);
+
+    // what the API costs at this size (figures, not asserted)
+    for path in ["/api/summary", "/api/denied", "/api/denied?q=n1234.&limit=50"] {
+        let out = pod.world.run_pod(Cmd::new("curl").args([
+            "-sS",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code} %{size_download} %{time_total}",
+            &format!("http://{ADMIN}{path}"),
+        ]));
+        eprintln!("GET {path}: status, bytes, seconds = {}", out.ok());
+    }
+
+    let mut b = Browser::start(&pod.world);
+    b.cdp
+        .call("Page.navigate", json!({"url": format!("http://{ADMIN}/")}));
+    b.cdp.wait_updates(1);
+    let entries = rows(&mut b.cdp, READ_ENTRIES);
+    assert_eq!(entries.len(), 100, "top 100 entries, busiest first");
+    assert_eq!(entries[0]["name"], json!("BlackHole"));
+    assert_matches_log(&entries[..2], &log);
+    let count = b.cdp.eval("document.getElementById('entry-count').textContent");
+    assert_eq!(count, json!(format!("showing 100 of {} ({} in all)", ENTRIES_N + 5, ENTRIES_N + 5)));
+    // the filter finds an idle entry far down the list
+    type_into(&mut b.cdp, "entry-filter", "svc-250.");
+    let names = wait_text(
+        &mut b.cdp,
+        "Array.from(document.querySelectorAll('#entries tr.entry-row')).map(r => r.dataset.entry).join(' ')",
+        |s| s == "svc-250",
+    );
+    assert_eq!(names, "svc-250");
+
+    // names: the top 50 of 2000, and the search box asks the server
+    let denied = rows(&mut b.cdp, READ_DENIED);
+    assert_eq!(denied.len(), 50);
+    let count = b.cdp.eval("document.getElementById('denied-count').textContent");
+    assert_eq!(
+        count,
+        json!(format!("showing 50 of {NAMES_N} matching names ({NAMES_N} names in 2,000 records held, at most 4,096)"))
+    );
+    type_into(&mut b.cdp, "denied-filter", "N1234.");
+    let found = wait_text(
+        &mut b.cdp,
+        "Array.from(document.querySelectorAll('#denied tr.denied-row')).map(r => r.dataset.name).join(' ')",
+        |s| s == "n1234.example",
+    );
+    assert_eq!(found, "n1234.example");
+    let r = rows(&mut b.cdp, READ_DENIED);
+    assert!(r[0]["toml"]
+        .as_str()
+        .unwrap()
+        .contains("hosts = [\"n1234.example\"]\nports = [{ number = 80, protocol = \"HTTP\" }]"));
+    b.cdp.screenshot(&artefact("traffic-page-many.png"));
 }
 
 #[test]

@@ -79,12 +79,15 @@ impl Counts {
     }
 }
 
-/// Reads one entry's counters from the metric families. Label sets are
-/// enumerated (the families cannot be iterated): 108 lookups per entry,
-/// each a hash and a read lock, never a write.
-fn read_counts(shared: &Shared, name: &str) -> Counts {
+/// Reads one entry's counters from the metric families, which cannot be
+/// iterated: label sets are looked up (a hash and a read lock each, never a
+/// write). `full` tries every decision, protocol and reason (108 lookups);
+/// otherwise only the labels an entry's flows carry today (allow, no
+/// reason: 3 lookups). Also returns how many label sets exist.
+fn read_counts(shared: &Shared, name: &str, full: bool) -> (Counts, usize) {
     let m = &shared.metrics;
     let mut c = Counts::default();
+    let mut found = 0;
     let mut labels = ConnLabels {
         decision: "",
         protocol: "",
@@ -92,12 +95,19 @@ fn read_counts(shared: &Shared, name: &str) -> Counts {
         reason: "",
     };
     for (di, d) in DECISIONS.iter().enumerate() {
+        if !full && *d != "allow" {
+            continue;
+        }
         labels.decision = d;
         for (pi, p) in PROTOCOLS.iter().enumerate() {
             labels.protocol = p;
             for r in REASONS {
+                if !full && !r.is_empty() {
+                    continue;
+                }
                 labels.reason = r;
                 if let Some(n) = m.connections.get(&labels).map(|c| c.get()) {
+                    found += 1;
                     c.flows[di] += n;
                     c.by_protocol[pi] += n;
                     if !r.is_empty() && n > 0 && *d == "deny" {
@@ -119,7 +129,30 @@ fn read_counts(shared: &Shared, name: &str) -> Counts {
         .get(&EntryLabel { entry: b.entry })
         .map(|c| c.get())
         .unwrap_or(0);
-    c
+    (c, found)
+}
+
+/// Every name's counters: the cheap lookups for entries, the full set for
+/// the catch-alls; if that found fewer label sets than the family holds
+/// (flows labelled in a way this code does not expect), the full set for
+/// every name.
+fn read_all(shared: &Shared, names: &[(String, Kind)]) -> Vec<Counts> {
+    let mut found = 0;
+    let quick: Vec<Counts> = names
+        .iter()
+        .map(|(n, k)| {
+            let (c, f) = read_counts(shared, n, *k != Kind::Entry);
+            found += f;
+            c
+        })
+        .collect();
+    if found >= shared.metrics.connections.len() {
+        return quick;
+    }
+    names
+        .iter()
+        .map(|(n, _)| read_counts(shared, n, true).0)
+        .collect()
 }
 
 #[derive(Default)]
@@ -217,8 +250,8 @@ impl Page {
         let first = t.samples == 0;
         let now = timestamp(SystemTime::now());
         let mut dec = [0u64; 4];
-        for (name, _) in names {
-            let c = read_counts(&self.shared, &name);
+        let counts = read_all(&self.shared, &names);
+        for ((name, _), c) in names.into_iter().zip(counts) {
             for (i, f) in c.flows.iter().enumerate() {
                 dec[i] += f;
             }
@@ -280,8 +313,9 @@ impl Page {
         };
         let mut entries = Vec::new();
         let mut totals = Totals::default();
-        for (name, kind) in names(shared, &t) {
-            let c = read_counts(shared, &name);
+        let names = names(shared, &t);
+        let counts = read_all(shared, &names);
+        for ((name, kind), c) in names.into_iter().zip(counts) {
             let total = c.total();
             let track = if total > 0 || t.entries.contains_key(&name) {
                 let e = t.entries.entry(name.clone()).or_default();

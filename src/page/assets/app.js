@@ -163,7 +163,9 @@
       node.appendChild(svg('text', { x: 10, y: 15 }, short(n.label, 58)));
       node.appendChild(
         svg('text', { x: 10, y: 30, class: 'stats' },
-          num(n.e.flows_total) + ' flows · ' + kv(n.e.flows) + ' · ↑ ' + bytes(n.e.bytes_up) + ' ↓ ' + bytes(n.e.bytes_down)),
+          num(n.e.flows_total) + (n.e.flows_total === 1 ? ' flow' : ' flows') +
+            (n.e.flows_total ? ' (' + kv(n.e.flows) + ')' : '') +
+            ' · ↑ ' + bytes(n.e.bytes_up) + ' ↓ ' + bytes(n.e.bytes_down)),
       );
       node.appendChild(svg('title', {}, n.label));
       parts.push(node);
