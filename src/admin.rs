@@ -546,7 +546,12 @@ mod tests {
         let d = Denied::with_capacity(100);
         d.record(&rec(Some("keep.example.com"), "192.0.2.10", 443, "tls"));
         for i in 0..100_000u32 {
-            d.record(&rec(Some(&format!("junk{i}.example")), "192.0.2.10", 443, "tls"));
+            d.record(&rec(
+                Some(&format!("junk{i}.example")),
+                "192.0.2.10",
+                443,
+                "tls",
+            ));
             if i % 50 == 0 {
                 d.record(&rec(Some("keep.example.com"), "192.0.2.10", 443, "tls"));
             }

@@ -76,7 +76,11 @@ impl Pod {
 
     /// GET from inside the pod with the given Host (default: the address).
     fn get_host(&self, path: &str, host: &str) -> io::Result<(u16, String, String)> {
-        let mut s = connect_in(&self.world.pod, ADMIN.parse().unwrap(), Duration::from_secs(5))?;
+        let mut s = connect_in(
+            &self.world.pod,
+            ADMIN.parse().unwrap(),
+            Duration::from_secs(5),
+        )?;
         s.set_read_timeout(Some(Duration::from_secs(10)))?;
         write!(s, "GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n")?;
         let mut raw = Vec::new();
@@ -418,7 +422,7 @@ fn grouped(n: u64) -> String {
     let s = n.to_string();
     let mut out = String::new();
     for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i) % 3 == 0 {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);
@@ -517,14 +521,25 @@ fn page_renders_the_traffic_of_the_access_log() {
         assert!(toml.contains(&format!("hosts = [\"{name}\"]")), "{toml}");
         assert!(all_toml.contains(toml), "{toml}\nnot in\n{all_toml}");
     }
-    assert_eq!(b.cdp.eval("document.getElementById('policy').textContent"), json!("REGISTRY_ONLY"));
-    assert_eq!(b.cdp.eval("document.getElementById('audit').textContent"), json!("off"));
+    assert_eq!(
+        b.cdp.eval("document.getElementById('policy').textContent"),
+        json!("REGISTRY_ONLY")
+    );
+    assert_eq!(
+        b.cdp.eval("document.getElementById('audit').textContent"),
+        json!("off")
+    );
     // no flow of the browser's own went through the proxy meanwhile
     assert_eq!(pod.proxy.stdout().lines().count(), log.len());
 
     let html = b.cdp.eval("document.documentElement.outerHTML");
     let html = html.as_str().unwrap();
-    for n in ["api.example.com", "*.files.example.com", "www.example.org", "idle-backend"] {
+    for n in [
+        "api.example.com",
+        "*.files.example.com",
+        "www.example.org",
+        "idle-backend",
+    ] {
         assert!(html.contains(n), "{n} not in the DOM");
     }
     std::fs::create_dir_all(artefact("")).unwrap();
@@ -571,7 +586,10 @@ fn page_updates_in_place_when_new_flows_arrive() {
         if r != before && row(&r, "name", "Passthrough")["audit"] == json!("1") {
             break r;
         }
-        assert!(t.elapsed() < Duration::from_secs(20), "the page never changed: {r:#?}");
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "the page never changed: {r:#?}"
+        );
         std::thread::sleep(Duration::from_millis(200));
     };
     assert_matches_log(&after, &log);
@@ -581,7 +599,10 @@ fn page_updates_in_place_when_new_flows_arrive() {
     assert_eq!(org["audit"], json!("1"), "{org}");
     assert_eq!(org["count"], json!("2"), "{org}");
     assert_eq!(org["deny"], json!("1"), "{org}");
-    assert_eq!(b.cdp.eval("document.getElementById('audit').textContent"), json!("on"));
+    assert_eq!(
+        b.cdp.eval("document.getElementById('audit').textContent"),
+        json!("on")
+    );
 
     assert!(b.cdp.updates() > updates);
     assert_eq!(b.cdp.loader_id(), loader, "the document was replaced");
@@ -635,16 +656,28 @@ fn page_stays_readable_with_hundreds_of_entries_and_thousands_of_names() {
     for i in 0..NAMES_N {
         let mut s = pod.world.pod_connect(sa(addr::ORG_V4, port::HTTP)).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        write!(s, "GET / HTTP/1.1\r\nHost: n{i}.example\r\nConnection: close\r\n\r\n").unwrap();
+        write!(
+            s,
+            "GET / HTTP/1.1\r\nHost: n{i}.example\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
         let mut answer = Vec::new();
         let _ = s.read_to_end(&mut answer);
-        assert!(answer.starts_with(b"HTTP/1.1 403"), "{}", String::from_utf8_lossy(&answer));
+        assert!(
+            answer.starts_with(b"HTTP/1.1 403"),
+            "{}",
+            String::from_utf8_lossy(&answer)
+        );
     }
     eprintln!("{NAMES_N} denied flows in {:?}", t.elapsed());
     let log = pod.log(1 + NAMES_N);
 
     // what the API costs at this size (figures, not asserted)
-    for path in ["/api/summary", "/api/denied", "/api/denied?q=n1234.&limit=50"] {
+    for path in [
+        "/api/summary",
+        "/api/denied",
+        "/api/denied?q=n1234.&limit=50",
+    ] {
         let out = pod.world.run_pod(Cmd::new("curl").args([
             "-sS",
             "-o",
@@ -664,8 +697,17 @@ fn page_stays_readable_with_hundreds_of_entries_and_thousands_of_names() {
     assert_eq!(entries.len(), 100, "top 100 entries, busiest first");
     assert_eq!(entries[0]["name"], json!("BlackHole"));
     assert_matches_log(&entries[..2], &log);
-    let count = b.cdp.eval("document.getElementById('entry-count').textContent");
-    assert_eq!(count, json!(format!("showing 100 of {} ({} in all)", ENTRIES_N + 5, ENTRIES_N + 5)));
+    let count = b
+        .cdp
+        .eval("document.getElementById('entry-count').textContent");
+    assert_eq!(
+        count,
+        json!(format!(
+            "showing 100 of {} ({} in all)",
+            ENTRIES_N + 5,
+            ENTRIES_N + 5
+        ))
+    );
     // the filter finds an idle entry far down the list
     type_into(&mut b.cdp, "entry-filter", "svc-250.");
     let names = wait_text(
@@ -678,7 +720,9 @@ fn page_stays_readable_with_hundreds_of_entries_and_thousands_of_names() {
     // names: the top 50 of 2000, and the search box asks the server
     let denied = rows(&mut b.cdp, READ_DENIED);
     assert_eq!(denied.len(), 50);
-    let count = b.cdp.eval("document.getElementById('denied-count').textContent");
+    let count = b
+        .cdp
+        .eval("document.getElementById('denied-count').textContent");
     assert_eq!(
         count,
         json!(format!("showing 50 of {NAMES_N} matching names ({NAMES_N} names in 2,000 records held, at most 4,096)"))
@@ -727,10 +771,19 @@ fn status_prints_the_summary_and_the_admin_listener_checks_host() {
         assert_eq!(l[8], s.down.to_string(), "{name}: {l:?}");
     }
     assert_eq!(line("BlackHole")[9], "not_in_registry=2");
-    assert!(text.contains("policy REGISTRY_ONLY, audit off, ready"), "{text}");
+    assert!(
+        text.contains("policy REGISTRY_ONLY, audit off, ready"),
+        "{text}"
+    );
     // idle-backend and Passthrough
-    assert!(text.contains("(2 entries without flows not shown"), "{text}");
-    assert!(text.contains("total: 6 flows (allow 4, deny 2, audit 0, passthrough 0)"), "{text}");
+    assert!(
+        text.contains("(2 entries without flows not shown"),
+        "{text}"
+    );
+    assert!(
+        text.contains("total: 6 flows (allow 4, deny 2, audit 0, passthrough 0)"),
+        "{text}"
+    );
     let org = line("www.example.org");
     assert_eq!(org[1..5], ["1", "1", "0", "443/tls"], "{org:?}");
     assert_eq!(line("other.example.net")[4], "80/http");
@@ -754,11 +807,22 @@ fn status_prints_the_summary_and_the_admin_listener_checks_host() {
     assert!(closed.stderr.contains("refused"), "{closed:?}");
 
     // Host check: loopback literals and localhost, any port
-    for host in ["127.0.0.1:15000", "localhost:15000", "localhost", "[::1]:8080", "127.0.0.1"] {
+    for host in [
+        "127.0.0.1:15000",
+        "localhost:15000",
+        "localhost",
+        "[::1]:8080",
+        "127.0.0.1",
+    ] {
         let (code, _, _) = pod.get_host("/api/summary", host).unwrap();
         assert_eq!(code, 200, "Host: {host}");
     }
-    for host in ["evil.example", "evil.example:15000", "192.0.2.2:15000", "localhost.evil.example"] {
+    for host in [
+        "evil.example",
+        "evil.example:15000",
+        "192.0.2.2:15000",
+        "localhost.evil.example",
+    ] {
         for path in ["/", "/api/summary", "/denied", "/metrics"] {
             let (code, _, body) = pod.get_host(path, host).unwrap();
             assert_eq!(code, 421, "Host: {host} {path}: {body}");
@@ -782,15 +846,38 @@ fn status_prints_the_summary_and_the_admin_listener_checks_host() {
     assert!(head.starts_with("http/1.1 421"), "{head}");
     let (code, head, body) = pod.get("/").unwrap();
     assert_eq!(code, 200);
-    assert!(head.contains("content-security-policy: default-src 'self'"), "{head}");
+    assert!(
+        head.contains("content-security-policy: default-src 'self'"),
+        "{head}"
+    );
     assert!(!head.contains("access-control-allow"), "{head}");
-    assert!(!body.contains("<script>") && !body.contains("<style"), "inline code: {body}");
+    assert!(
+        !body.contains("<script>") && !body.contains("<style"),
+        "inline code: {body}"
+    );
     assert!(body.contains("<script src=\"app.js\""), "{body}");
+    // the time series: entries that carried traffic
+    let series = poll_until(Duration::from_secs(15), || {
+        pod.get("/api/series")
+            .ok()
+            .and_then(|(_, _, b)| serde_json::from_str::<Value>(&b).ok())
+            .is_some_and(|v| {
+                v["interval_s"] == json!(5)
+                    && v["entries"]["api"].as_array().is_some_and(|a| !a.is_empty())
+            })
+    });
+    assert!(series, "{:?}", pod.get("/api/series"));
+    assert_eq!(pod.get("/api/series?entry=idle-backend").unwrap().0, 404);
     let (code, head, _) = pod.get("/app.js").unwrap();
     assert_eq!(code, 200);
     assert!(head.contains("content-type: text/javascript"), "{head}");
     // the health listener (probed from other hosts) has no Host check
-    let mut s = connect_in(&pod.world.pod, "127.0.0.1:15021".parse().unwrap(), Duration::from_secs(5)).unwrap();
+    let mut s = connect_in(
+        &pod.world.pod,
+        "127.0.0.1:15021".parse().unwrap(),
+        Duration::from_secs(5),
+    )
+    .unwrap();
     write!(s, "GET /ready HTTP/1.0\r\nHost: 192.0.2.2:15021\r\n\r\n").unwrap();
     let mut r = String::new();
     s.read_to_string(&mut r).unwrap();

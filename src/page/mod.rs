@@ -333,7 +333,9 @@ impl Page {
             }
             totals.bytes_up += c.bytes_up;
             totals.bytes_down += c.bytes_down;
-            let series: Vec<u32> = track.map(|e| e.series.iter().copied().collect()).unwrap_or_default();
+            let series: Vec<u32> = track
+                .map(|e| e.series.iter().copied().collect())
+                .unwrap_or_default();
             let trend: Vec<u32> = {
                 // newest group last; groups aligned to the end
                 let mut v: Vec<u32> = series
@@ -520,7 +522,11 @@ pub struct DeniedPage {
 
 /// Groups the records by name (or address), filters, sorts, and renders the
 /// TOML of the names returned.
-fn denied_page(records: &[DeniedRecord], cfg: &crate::config::Config, q: &DeniedQuery) -> DeniedPage {
+fn denied_page(
+    records: &[DeniedRecord],
+    cfg: &crate::config::Config,
+    q: &DeniedQuery,
+) -> DeniedPage {
     let mut groups: HashMap<String, (DeniedName, Vec<&DeniedRecord>)> = HashMap::new();
     for r in records {
         let (key, named) = match (&r.name, r.ip) {
@@ -565,14 +571,17 @@ fn denied_page(records: &[DeniedRecord], cfg: &crate::config::Config, q: &Denied
         g.1.push(r);
     }
     let names_total = groups.len();
-    let needle = q.q.as_deref().map(str::to_ascii_lowercase).unwrap_or_default();
+    let needle =
+        q.q.as_deref()
+            .map(str::to_ascii_lowercase)
+            .unwrap_or_default();
     let mut v: Vec<(DeniedName, Vec<&DeniedRecord>)> = groups
         .into_values()
         .filter(|(n, _)| needle.is_empty() || n.name.to_ascii_lowercase().contains(&needle))
         .collect();
     let matched = v.len();
     match q.sort.as_deref() {
-        Some("recent") => v.sort_by(|a, b| b.0.seen.cmp(&a.0.seen)),
+        Some("recent") => v.sort_by_key(|g| std::cmp::Reverse(g.0.seen)),
         _ => v.sort_by(|a, b| b.0.count.cmp(&a.0.count).then(b.0.seen.cmp(&a.0.seen))),
     }
     v.truncate(q.limit.unwrap_or(50).min(1000));
@@ -605,7 +614,11 @@ fn json<T: Serialize>(v: &T) -> Response {
 }
 
 async fn index() -> Response {
-    ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], INDEX_HTML).into_response()
+    (
+        [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
+        INDEX_HTML,
+    )
+        .into_response()
 }
 
 async fn app_js() -> Response {
@@ -663,7 +676,12 @@ async fn series(State(p): State<Arc<Page>>, Query(q): Query<SeriesQuery>) -> Res
 pub fn loopback_host(host: &str) -> bool {
     let (h, port) = if let Some(rest) = host.strip_prefix('[') {
         match rest.split_once(']') {
-            Some((inner, after)) => (inner, after.strip_prefix(':').or(if after.is_empty() { Some("") } else { None })),
+            Some((inner, after)) => (
+                inner,
+                after
+                    .strip_prefix(':')
+                    .or(if after.is_empty() { Some("") } else { None }),
+            ),
             None => return false,
         }
     } else {
@@ -685,7 +703,8 @@ pub fn loopback_host(host: &str) -> bool {
         });
     }
     // only the dotted-quad form (no "127.1" shorthands a resolver expands)
-    h.parse::<Ipv4Addr>().is_ok_and(|a| IpAddr::V4(a).is_loopback())
+    h.parse::<Ipv4Addr>()
+        .is_ok_and(|a| IpAddr::V4(a).is_loopback())
 }
 
 /// Admin middleware: refuses (421) requests whose Host is not loopback, and

@@ -75,7 +75,10 @@ pub fn parse_target(url: &str) -> Result<Target, String> {
             .map_err(|_| format!("{url}: {p:?} is not a port"))?,
     };
     Ok(Target {
-        addrs: host.into_iter().map(|ip| SocketAddr::new(ip, port)).collect(),
+        addrs: host
+            .into_iter()
+            .map(|ip| SocketAddr::new(ip, port))
+            .collect(),
         authority: authority.to_string(),
         base_path: path.trim_end_matches('/').to_string(),
     })
@@ -95,7 +98,8 @@ pub fn get(t: &Target, path: &str) -> Result<Vec<u8>, String> {
 
 fn get_one(addr: SocketAddr, authority: &str, path: &str) -> Result<Vec<u8>, String> {
     let mut s = TcpStream::connect_timeout(&addr, TIMEOUT).map_err(|e| e.to_string())?;
-    s.set_read_timeout(Some(TIMEOUT)).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(TIMEOUT))
+        .map_err(|e| e.to_string())?;
     s.set_write_timeout(Some(TIMEOUT))
         .map_err(|e| e.to_string())?;
     write!(
@@ -162,10 +166,7 @@ fn parse_response(raw: &[u8]) -> Result<Vec<u8>, String> {
 fn dechunk(mut b: &[u8]) -> Result<Vec<u8>, String> {
     let mut out = Vec::new();
     loop {
-        let line_end = b
-            .windows(2)
-            .position(|w| w == b"\r\n")
-            .ok_or("bad chunk")?;
+        let line_end = b.windows(2).position(|w| w == b"\r\n").ok_or("bad chunk")?;
         let size_text = std::str::from_utf8(&b[..line_end]).map_err(|_| "bad chunk size")?;
         let size_text = size_text.split(';').next().unwrap_or("").trim();
         let size = usize::from_str_radix(size_text, 16).map_err(|_| "bad chunk size")?;
@@ -391,7 +392,9 @@ pub fn render(url: &str, summary: &Value, denied: &Value, all: bool) -> String {
             &rows,
             &[false, true, true, true, false, false, false],
         ));
-        out.push_str("(`curl URL/denied?format=toml` gives the service entries that would allow them)\n");
+        out.push_str(
+            "(`curl URL/denied?format=toml` gives the service entries that would allow them)\n",
+        );
     }
     out
 }
@@ -458,7 +461,8 @@ mod tests {
             .unwrap(),
             b"abcde"
         );
-        let e = parse_response(b"HTTP/1.1 421 Misdirected\r\ncontent-length: 4\r\n\r\nnope").unwrap_err();
+        let e = parse_response(b"HTTP/1.1 421 Misdirected\r\ncontent-length: 4\r\n\r\nnope")
+            .unwrap_err();
         assert!(e.contains("421") && e.contains("nope"), "{e}");
         assert!(parse_response(b"SSH-2.0-x\r\n\r\n").is_err());
         assert!(parse_response(b"HTTP/1.1 200 OK\r\ncontent-length: 9\r\n\r\nhi").is_err());
