@@ -863,7 +863,9 @@ fn status_prints_the_summary_and_the_admin_listener_checks_host() {
             .and_then(|(_, _, b)| serde_json::from_str::<Value>(&b).ok())
             .is_some_and(|v| {
                 v["interval_s"] == json!(5)
-                    && v["entries"]["api"].as_array().is_some_and(|a| !a.is_empty())
+                    && v["entries"]["api"]
+                        .as_array()
+                        .is_some_and(|a| !a.is_empty())
             })
     });
     assert!(series, "{:?}", pod.get("/api/series"));

@@ -279,6 +279,17 @@ impl Page {
                 e.series.push_front(0);
             }
         }
+        // entries a reload removed are forgotten once idle for 15 minutes
+        let gen = self.shared.generation();
+        let current: std::collections::HashSet<&str> = gen
+            .config()
+            .entries
+            .iter()
+            .map(|e| e.name.as_str())
+            .chain(["BlackHole", "Passthrough"])
+            .collect();
+        t.entries
+            .retain(|name, e| current.contains(name.as_str()) || e.series.iter().any(|&v| v > 0));
         for (i, n) in dec.iter().enumerate() {
             let delta = if first {
                 0
@@ -753,6 +764,122 @@ pub async fn host_guard(req: Request, next: Next) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::access_log::FlowRecord;
+    use crate::admin::Denied;
+
+    fn flow(
+        name: Option<&str>,
+        ip: &str,
+        port: u16,
+        protocol: &'static str,
+        decision: &'static str,
+    ) -> FlowRecord {
+        FlowRecord {
+            ts: String::new(),
+            client: "192.0.2.2:40000".parse().unwrap(),
+            dst: Some(std::net::SocketAddr::new(ip.parse().unwrap(), port)),
+            upstream: None,
+            protocol,
+            name: name.map(str::to_string),
+            decision,
+            entry: None,
+            reason: Some("not_in_registry"),
+            ech: false,
+            bytes_up: 0,
+            bytes_down: 0,
+            duration_ms: 0,
+            error: None,
+        }
+    }
+
+    #[test]
+    fn denied_names_grouped_searched_sorted_with_their_toml() {
+        let cfg = crate::config::Config::parse(
+            std::path::Path::new("t.toml"),
+            "[redirect]\nproxy_uid = 1337\n\n[[service_entry]]\nname = \"api\"\nhosts = [\"api.example.com\"]\nports = [{ number = 443, protocol = \"TLS\" }]\n",
+        )
+        .unwrap();
+        let d = Denied::default();
+        for _ in 0..3 {
+            d.record(&flow(
+                Some("www.example.org"),
+                "203.0.113.5",
+                443,
+                "tls",
+                "deny",
+            ));
+        }
+        d.record(&flow(
+            Some("www.example.org"),
+            "203.0.113.5",
+            80,
+            "http",
+            "audit",
+        ));
+        d.record(&flow(
+            Some("<b>x</b>.example"),
+            "203.0.113.5",
+            80,
+            "http",
+            "deny",
+        ));
+        d.record(&flow(None, "192.0.2.10", 7000, "tcp", "deny"));
+        // admitted now (e.g. after a reload): listed, without a block
+        d.record(&flow(
+            Some("api.example.com"),
+            "192.0.2.10",
+            443,
+            "tls",
+            "deny",
+        ));
+        let recs = d.snapshot();
+        let all_toml = crate::admin::denied_toml(&recs, &cfg);
+
+        let page = denied_page(&recs, &cfg, &DeniedQuery::default());
+        assert_eq!((page.held, page.names_total, page.matched), (5, 4, 4));
+        let org = &page.names[0];
+        assert_eq!(org.name, "www.example.org");
+        assert_eq!(org.count, 4);
+        assert_eq!(org.decisions.get("deny"), Some(&3));
+        assert_eq!(org.decisions.get("audit"), Some(&1));
+        assert_eq!(org.ports, ["443/tls", "80/http"]);
+        let toml = org.toml.as_deref().unwrap();
+        assert!(toml.starts_with("[[service_entry]]\n"), "{toml}");
+        assert!(toml.contains("ports = [{ number = 80, protocol = \"HTTP\" }, { number = 443, protocol = \"TLS\" }]"), "{toml}");
+        for n in &page.names {
+            if let Some(t) = &n.toml {
+                assert!(all_toml.contains(t.as_str()), "{t}\nnot in\n{all_toml}");
+            }
+        }
+        let api = page
+            .names
+            .iter()
+            .find(|n| n.name == "api.example.com")
+            .unwrap();
+        assert!(api.toml.is_none());
+        let ip = page.names.iter().find(|n| n.name == "192.0.2.10").unwrap();
+        assert!(!ip.named);
+        assert!(ip
+            .toml
+            .as_deref()
+            .unwrap()
+            .contains("addresses = [\"192.0.2.10/32\"]"));
+
+        // search: case-insensitive substring; limit; most recent first
+        let q = |q: &str, sort: &str, limit: usize| DeniedQuery {
+            q: Some(q.into()),
+            sort: Some(sort.into()),
+            limit: Some(limit),
+        };
+        let p = denied_page(&recs, &cfg, &q("EXAMPLE.ORG", "count", 50));
+        assert_eq!(p.matched, 1);
+        assert_eq!(p.names[0].name, "www.example.org");
+        let p = denied_page(&recs, &cfg, &q("", "recent", 2));
+        assert_eq!(p.matched, 4);
+        assert_eq!(p.names.len(), 2);
+        assert_eq!(p.names[0].name, "api.example.com");
+        assert_eq!(p.names[1].name, "192.0.2.10");
+    }
 
     #[test]
     fn loopback_hosts() {
