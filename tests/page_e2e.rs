@@ -649,6 +649,10 @@ fn page_stays_readable_with_hundreds_of_entries_and_thousands_of_names() {
             "\n[[service_entry]]\nname = \"svc-{i}\"\nhosts = [\"svc-{i}.example.com\"]\nports = [{{ number = 443, protocol = \"TLS\" }}]\n"
         ));
     }
+    // entry names come from the config and may hold anything: text, never HTML
+    text.push_str(
+        "\n[[service_entry]]\nname = \"<img src=x id=pwned>\"\nhosts = [\"markup.example.com\"]\nports = [{ number = 443, protocol = \"TLS\" }]\n",
+    );
     let mut pod = Pod::start_with(&text);
     pod.flow("https://api.example.com/");
     // thousands of names a client invents, each denied
@@ -704,8 +708,8 @@ fn page_stays_readable_with_hundreds_of_entries_and_thousands_of_names() {
         count,
         json!(format!(
             "showing 100 of {} ({} in all)",
-            ENTRIES_N + 5,
-            ENTRIES_N + 5
+            ENTRIES_N + 6,
+            ENTRIES_N + 6
         ))
     );
     // the filter finds an idle entry far down the list
@@ -716,6 +720,17 @@ fn page_stays_readable_with_hundreds_of_entries_and_thousands_of_names() {
         |s| s == "svc-250",
     );
     assert_eq!(names, "svc-250");
+    type_into(&mut b.cdp, "entry-filter", "pwned");
+    wait_text(
+        &mut b.cdp,
+        "Array.from(document.querySelectorAll('#entries tr.entry-row')).map(r => r.dataset.entry + '|' + r.querySelector('td.name').textContent).join(' ')",
+        |s| s == "<img src=x id=pwned>|<img src=x id=pwned>",
+    );
+    assert_eq!(
+        b.cdp.eval("document.getElementById('pwned') === null && document.querySelectorAll('main img').length === 0"),
+        json!(true),
+        "an entry name became markup"
+    );
 
     // names: the top 50 of 2000, and the search box asks the server
     let denied = rows(&mut b.cdp, READ_DENIED);
