@@ -182,7 +182,7 @@ pub fn denied_toml(records: &[DeniedRecord], cfg: &Config) -> String {
          # service entries. Audit output lists whatever the workload contacted:\n\
          # review every entry before pasting it into the registry.\n",
     );
-    for block in denied_toml_blocks(records, cfg) {
+    for (_, block) in denied_toml_blocks(records, cfg) {
         out.push('\n');
         out.push_str(&block);
     }
@@ -190,8 +190,9 @@ pub fn denied_toml(records: &[DeniedRecord], cfg: &Config) -> String {
 }
 
 /// The `[[service_entry]]` blocks of [`denied_toml`], one per name (in name
-/// order), then one per address: the traffic page shows each beside its name.
-pub fn denied_toml_blocks(records: &[DeniedRecord], cfg: &Config) -> Vec<String> {
+/// order), then one per address, each with its name or address: the traffic
+/// page shows each beside its name.
+pub fn denied_toml_blocks(records: &[DeniedRecord], cfg: &Config) -> Vec<(String, String)> {
     use crate::config::PortProtocol;
     use std::collections::{BTreeMap, BTreeSet, HashSet};
 
@@ -296,7 +297,7 @@ pub fn denied_toml_blocks(records: &[DeniedRecord], cfg: &Config) -> Vec<String>
         let _ = writeln!(out, "ports = [{}]", ps.join(", "));
         // TCP ports of a named entry need the name resolved ahead.
         let _ = writeln!(out, "resolution = \"DNS\"");
-        blocks.push(out);
+        blocks.push((name.to_string(), out));
     }
     for (ip, ports) in by_addr {
         let cidr = crate::net::Cidr::host(ip);
@@ -315,7 +316,7 @@ pub fn denied_toml_blocks(records: &[DeniedRecord], cfg: &Config) -> Vec<String>
             .map(|p| format!("{{ number = {p}, protocol = \"TCP\" }}"))
             .collect();
         let _ = writeln!(out, "ports = [{}]", ps.join(", "));
-        blocks.push(out);
+        blocks.push((ip.to_string(), out));
     }
     blocks
 }

@@ -596,12 +596,17 @@ fn denied_page(
         _ => v.sort_by(|a, b| b.0.count.cmp(&a.0.count).then(b.0.seen.cmp(&a.0.seen))),
     }
     v.truncate(q.limit.unwrap_or(50).min(1000));
+    // one call for the names shown: the registry is scanned once per record
+    let shown: Vec<DeniedRecord> = v
+        .iter()
+        .flat_map(|(_, recs)| recs.iter().map(|r| (*r).clone()))
+        .collect();
+    let mut blocks: HashMap<String, String> = denied_toml_blocks(&shown, cfg).into_iter().collect();
     let names = v
         .into_iter()
-        .map(|(mut n, recs)| {
+        .map(|(mut n, _)| {
             n.ports.sort();
-            let owned: Vec<DeniedRecord> = recs.into_iter().cloned().collect();
-            n.toml = denied_toml_blocks(&owned, cfg).into_iter().next();
+            n.toml = blocks.remove(&n.name);
             n
         })
         .collect();
