@@ -18,6 +18,7 @@ declare -A want=(
   [pkill]=procps    # procps: ps/sysctl for debugging; tests never use pkill
   [sysctl]=procps
   [setpriv]=util-linux
+  [chromium]=chromium  # tests/page_e2e.rs: the traffic page in a real browser
 )
 
 missing=()

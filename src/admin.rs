@@ -1,6 +1,6 @@
 //! Observability stage, served: the `health` listener (`/ready`, `/metrics`
 //! for kubelet probes and Prometheus) and the local `admin` listener (also
-//! `/config` and `/denied`).
+//! `/config`, `/denied` and the traffic page of `page`).
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -18,8 +18,8 @@ use crate::access_log::{timestamp, FlowRecord};
 use crate::config::Config;
 use crate::proxy::Shared;
 
-/// Most denied/audit records kept for `/denied`.
-const DENIED_MAX: usize = 1000;
+/// Most denied/audit records kept for `/denied` and the traffic page.
+pub const DENIED_MAX: usize = 4096;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, PartialOrd, Ord)]
 enum DeniedKey {
@@ -46,15 +46,34 @@ pub struct DeniedRecord {
     pub decision: &'static str,
     pub reason: Option<&'static str>,
     pub count: u64,
+    /// Of `count`, the flows denied and those audited (a reload may switch
+    /// audit on or off: one name can be both).
+    pub denied: u64,
+    pub audited: u64,
     pub last_seen: String,
+    /// Insertion clock of the last flow: orders records by recency.
     #[serde(skip)]
-    seen: u64,
+    pub(crate) seen: u64,
 }
 
-/// The recent denied and audit flows, bounded; the oldest is evicted.
-#[derive(Default)]
+/// The recent denied and audit flows: a least-recently-seen map, bounded
+/// at [`DENIED_MAX`] records. An insert is O(1) however many names clients
+/// invent (a hash lookup, then the least recent record evicted when full);
+/// the hasher is SipHash with a per-process random key, so chosen names
+/// cannot collide on purpose.
 pub struct Denied {
-    inner: Mutex<(HashMap<DeniedKey, DeniedRecord>, u64)>,
+    inner: Mutex<DeniedInner>,
+}
+
+struct DeniedInner {
+    map: lru::LruCache<DeniedKey, DeniedRecord, std::collections::hash_map::RandomState>,
+    clock: u64,
+}
+
+impl Default for Denied {
+    fn default() -> Self {
+        Denied::with_capacity(DENIED_MAX)
+    }
 }
 
 /// An explicit request for a name has no original destination: its port
@@ -68,6 +87,16 @@ fn explicit_dst(rec: &FlowRecord) -> Option<std::net::SocketAddr> {
 }
 
 impl Denied {
+    pub fn with_capacity(max: usize) -> Denied {
+        let cap = std::num::NonZeroUsize::new(max.max(1)).unwrap_or(std::num::NonZeroUsize::MIN);
+        Denied {
+            inner: Mutex::new(DeniedInner {
+                map: lru::LruCache::with_hasher(cap, Default::default()),
+                clock: 0,
+            }),
+        }
+    }
+
     /// Records a flow if it was denied or audited (loops and overload are
     /// the proxy's own business, not the registry's).
     pub fn record(&self, rec: &FlowRecord) {
@@ -103,48 +132,63 @@ impl Denied {
                 protocol: rec.protocol,
             },
         };
+        let now = timestamp(SystemTime::now());
         let Ok(mut g) = self.inner.lock() else { return };
-        let (map, clock) = &mut *g;
-        *clock += 1;
-        let seen = *clock;
-        if !map.contains_key(&key) && map.len() >= DENIED_MAX {
-            if let Some(oldest) = map
-                .iter()
-                .min_by_key(|(_, r)| r.seen)
-                .map(|(k, _)| k.clone())
-            {
-                map.remove(&oldest);
-            }
-        }
-        let e = map.entry(key).or_insert_with(|| DeniedRecord {
-            name: rec.name.clone(),
-            ip: if rec.name.is_none() {
-                Some(dst.ip())
+        let g = &mut *g;
+        g.clock += 1;
+        let seen = g.clock;
+        // get_mut also marks the record most recent
+        if let Some(e) = g.map.get_mut(&key) {
+            e.count += 1;
+            if rec.decision == "audit" {
+                e.audited += 1;
             } else {
-                None
+                e.denied += 1;
+            }
+            e.seen = seen;
+            e.decision = rec.decision;
+            e.reason = rec.reason;
+            e.last_seen = now;
+            return;
+        }
+        // push evicts the least recently seen record when full
+        g.map.push(
+            key,
+            DeniedRecord {
+                name: rec.name.clone(),
+                ip: if rec.name.is_none() {
+                    Some(dst.ip())
+                } else {
+                    None
+                },
+                port: dst.port(),
+                protocol: rec.protocol,
+                decision: rec.decision,
+                reason: rec.reason,
+                count: 1,
+                denied: u64::from(rec.decision != "audit"),
+                audited: u64::from(rec.decision == "audit"),
+                last_seen: now,
+                seen,
             },
-            port: dst.port(),
-            protocol: rec.protocol,
-            decision: rec.decision,
-            reason: rec.reason,
-            count: 0,
-            last_seen: String::new(),
-            seen,
-        });
-        e.count += 1;
-        e.seen = seen;
-        e.decision = rec.decision;
-        e.reason = rec.reason;
-        e.last_seen = timestamp(SystemTime::now());
+        );
     }
 
+    /// Every record, most recent first.
     pub fn snapshot(&self) -> Vec<DeniedRecord> {
-        let mut v: Vec<DeniedRecord> = match self.inner.lock() {
-            Ok(g) => g.0.values().cloned().collect(),
+        match self.inner.lock() {
+            Ok(g) => g.map.iter().map(|(_, r)| r.clone()).collect(),
             Err(_) => Vec::new(),
-        };
-        v.sort_by_key(|r| std::cmp::Reverse(r.seen));
-        v
+        }
+    }
+
+    /// Records held now.
+    pub fn len(&self) -> usize {
+        self.inner.lock().map(|g| g.map.len()).unwrap_or(0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 
@@ -157,14 +201,26 @@ impl Denied {
 /// addresses (`address_mismatch`: widening a pin is a decision, not a
 /// paste). Entry names are unique, also against the registry.
 pub fn denied_toml(records: &[DeniedRecord], cfg: &Config) -> String {
-    use crate::config::PortProtocol;
-    use std::collections::{BTreeMap, BTreeSet, HashSet};
-
     let mut out = String::from(
         "# Flows portcullis denied (or, in audit mode, let through) recently, as\n\
          # service entries. Audit output lists whatever the workload contacted:\n\
          # review every entry before pasting it into the registry.\n",
     );
+    for (_, block) in denied_toml_blocks(records, cfg) {
+        out.push('\n');
+        out.push_str(&block);
+    }
+    out
+}
+
+/// The `[[service_entry]]` blocks of [`denied_toml`], one per name (in name
+/// order), then one per address, each with its name or address: the traffic
+/// page shows each beside its name.
+pub fn denied_toml_blocks(records: &[DeniedRecord], cfg: &Config) -> Vec<(String, String)> {
+    use crate::config::PortProtocol;
+    use std::collections::{BTreeMap, BTreeSet, HashSet};
+
+    let mut blocks = Vec::new();
     let name_covered = |name: &str, port: u16, proto: PortProtocol| {
         cfg.entries.iter().any(|e| {
             e.hosts.iter().any(|h| h.matches(name))
@@ -239,7 +295,7 @@ pub fn denied_toml(records: &[DeniedRecord], cfg: &Config) -> String {
     };
     let reasons = |r: &BTreeSet<&str>| r.iter().copied().collect::<Vec<_>>().join(",");
     for (name, ports) in by_name {
-        let _ = writeln!(out, "\n[[service_entry]]");
+        let mut out = String::from("[[service_entry]]\n");
         for (port, seen) in &ports {
             let _ = writeln!(
                 out,
@@ -265,10 +321,11 @@ pub fn denied_toml(records: &[DeniedRecord], cfg: &Config) -> String {
         let _ = writeln!(out, "ports = [{}]", ps.join(", "));
         // TCP ports of a named entry need the name resolved ahead.
         let _ = writeln!(out, "resolution = \"DNS\"");
+        blocks.push((name.to_string(), out));
     }
     for (ip, ports) in by_addr {
         let cidr = crate::net::Cidr::host(ip);
-        let _ = writeln!(out, "\n[[service_entry]]");
+        let mut out = String::from("[[service_entry]]\n");
         for (port, (count, why)) in &ports {
             let _ = writeln!(
                 out,
@@ -283,8 +340,9 @@ pub fn denied_toml(records: &[DeniedRecord], cfg: &Config) -> String {
             .map(|p| format!("{{ number = {p}, protocol = \"TCP\" }}"))
             .collect();
         let _ = writeln!(out, "ports = [{}]", ps.join(", "));
+        blocks.push((ip.to_string(), out));
     }
-    out
+    blocks
 }
 
 async fn ready(State(s): State<Arc<Shared>>) -> Response {
@@ -347,6 +405,22 @@ async fn denied(
         .into_response()
 }
 
+/// The admin listener's routes: health, metrics, config, denied, and the
+/// traffic page with its `/api/` (which starts the page's sampler), all
+/// behind the loopback Host check (docs/DESIGN.md §4).
+pub fn admin_router(shared: Arc<Shared>) -> Router {
+    let page = crate::page::Page::new(shared.clone());
+    page.spawn_sampler();
+    Router::new()
+        .route("/ready", get(ready))
+        .route("/metrics", get(metrics))
+        .route("/config", get(config))
+        .route("/denied", get(denied))
+        .with_state(shared)
+        .merge(page.router())
+        .layer(axum::middleware::from_fn(crate::page::host_guard))
+}
+
 /// Binds and serves `health` and `admin` (each may be "off"), each bounded
 /// by its caps and timeouts (`crate::endpoint`).
 pub async fn spawn(shared: Arc<Shared>, cfg: &Config) -> std::io::Result<()> {
@@ -362,12 +436,7 @@ pub async fn spawn(shared: Arc<Shared>, cfg: &Config) -> std::io::Result<()> {
         tokio::spawn(serve(l, app, limiter, shared.clone()));
     }
     if let Some(addr) = cfg.proxy.admin {
-        let app = Router::new()
-            .route("/ready", get(ready))
-            .route("/metrics", get(metrics))
-            .route("/config", get(config))
-            .route("/denied", get(denied))
-            .with_state(shared.clone());
+        let app = admin_router(shared.clone());
         let l = bind("admin", addr).await?;
         tracing::info!(%addr, per_peer = ADMIN_LIMITS.per_peer, total = ADMIN_LIMITS.total, "admin endpoint");
         let limiter = ConnLimiter::new("admin", ADMIN_LIMITS);
@@ -478,6 +547,52 @@ mod tests {
         assert!(!snap
             .iter()
             .any(|r| r.name.as_deref() == Some("n0.example.com")));
-        assert_eq!(snap[0].name.as_deref(), Some("n1049.example.com"));
+        let newest = format!("n{}.example.com", DENIED_MAX + 49);
+        assert_eq!(snap[0].name.as_deref(), Some(newest.as_str()));
+    }
+
+    #[test]
+    fn denied_counts_deny_and_audit_apart() {
+        // a reload switched audit on: the same name was denied, then audited
+        let d = Denied::default();
+        let mut r = rec(Some("www.example.org"), "203.0.113.5", 443, "tls");
+        r.decision = "deny";
+        d.record(&r);
+        r.decision = "audit";
+        d.record(&r);
+        d.record(&r);
+        let snap = d.snapshot();
+        assert_eq!(snap.len(), 1);
+        assert_eq!((snap[0].count, snap[0].denied, snap[0].audited), (3, 1, 2));
+        assert_eq!(snap[0].decision, "audit", "the latest decision");
+    }
+
+    #[test]
+    fn denied_evicts_the_least_recently_seen() {
+        // a client inventing names cannot push out a name that keeps coming
+        let d = Denied::with_capacity(100);
+        d.record(&rec(Some("keep.example.com"), "192.0.2.10", 443, "tls"));
+        for i in 0..100_000u32 {
+            d.record(&rec(
+                Some(&format!("junk{i}.example")),
+                "192.0.2.10",
+                443,
+                "tls",
+            ));
+            if i % 50 == 0 {
+                d.record(&rec(Some("keep.example.com"), "192.0.2.10", 443, "tls"));
+            }
+        }
+        let snap = d.snapshot();
+        assert_eq!(snap.len(), 100);
+        assert_eq!(d.len(), 100);
+        let keep = snap
+            .iter()
+            .find(|r| r.name.as_deref() == Some("keep.example.com"))
+            .expect("the recurring name survives");
+        assert_eq!(keep.count, 1 + 2000);
+        // most recent first
+        assert_eq!(snap[0].name.as_deref(), Some("junk99999.example"));
+        assert!(snap.windows(2).all(|w| w[0].seen > w[1].seen));
     }
 }

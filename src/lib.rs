@@ -9,7 +9,8 @@
 //! - `config`: the TOML file becomes a validated [`config::Config`];
 //!   `reload` swaps it at run time; `admin` serves health, metrics, config
 //!   and the recently denied flows, `endpoint` bounds and serves its
-//!   listeners; `server` is `portcullis run`.
+//!   listeners; `page` the traffic page and `/api/` (and `portcullis
+//!   status`); `server` is `portcullis run`.
 //! - `name`, `net`: names and addresses as every stage sees them;
 //! - `explain`: the decision rendered for an operator;
 //! - `import`: Istio ServiceEntry YAML to entries (`portcullis import`, `include`).
@@ -28,6 +29,7 @@ pub mod init;
 pub mod metrics;
 pub mod name;
 pub mod net;
+pub mod page;
 pub mod proxy;
 pub mod registry;
 pub mod relay;

@@ -56,6 +56,18 @@ enum Command {
         #[arg(short, long, default_value = DEFAULT_PATH)]
         config: PathBuf,
     },
+    /// The traffic summary of a running proxy as a table (its admin listener's /api/).
+    Status {
+        /// The admin listener: http://IP:PORT or http://localhost:PORT (no name lookups).
+        #[arg(long, default_value = "http://127.0.0.1:15000")]
+        url: String,
+        /// Denied and audited names listed, most frequent first.
+        #[arg(long, default_value_t = 10)]
+        top: usize,
+        /// List every entry, also those without flows.
+        #[arg(long)]
+        all: bool,
+    },
     /// The decision the proxy would take for a flow, the reason and the entry.
     Explain {
         #[arg(short, long, default_value = DEFAULT_PATH)]
@@ -241,6 +253,18 @@ fn main() -> ExitCode {
             }
             Err(code) => code,
         },
+        Command::Status { url, top, all } => {
+            match portcullis::page::status::status(&url, top, all) {
+                Ok(text) => {
+                    print!("{text}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("{e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
         Command::Explain {
             config,
             dst,
