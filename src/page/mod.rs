@@ -794,6 +794,8 @@ mod tests {
             bytes_down: 0,
             duration_ms: 0,
             error: None,
+            mode: "transparent",
+            authority: None,
         }
     }
 
