@@ -325,14 +325,26 @@ async fn denied(
 
 /// Binds and serves `health` and `admin` (each may be "off").
 pub async fn spawn(shared: Arc<Shared>, cfg: &Config) -> std::io::Result<()> {
-    if let Some(addr) = cfg.proxy.health {
+    for &addr in &cfg.proxy.health {
         let app = Router::new()
             .route("/ready", get(ready))
             .route("/metrics", get(metrics))
             .with_state(shared.clone());
-        let l = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
-            std::io::Error::new(e.kind(), format!("cannot listen on health {addr}: {e}"))
-        })?;
+        // IPv6 is V6ONLY, so "0.0.0.0:15021" and "[::]:15021" (the default)
+        // bind side by side; where IPv6 is off the IPv6 one is skipped.
+        let l = match crate::proxy::bind_one(addr) {
+            Ok(l) => l,
+            Err(e) if crate::proxy::ipv6_unavailable(addr, &e) => {
+                tracing::warn!(%addr, error = %e, "IPv6 health listener not bound (IPv6 disabled?): continuing without it");
+                continue;
+            }
+            Err(e) => {
+                return Err(std::io::Error::new(
+                    e.kind(),
+                    format!("cannot listen on health {addr}: {e}"),
+                ))
+            }
+        };
         tracing::info!(%addr, "health endpoint");
         tokio::spawn(async move { axum::serve(l, app).await });
     }

@@ -133,7 +133,9 @@ pub enum AccessLog {
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct ProxySettings {
     pub listen: Vec<SocketAddr>,
-    pub health: Option<SocketAddr>,
+    /// Empty: off. IPv6 addresses are bound IPV6_V6ONLY; one that cannot be
+    /// bound because IPv6 is off is a warning, as for `listen`.
+    pub health: Vec<SocketAddr>,
     pub admin: Option<SocketAddr>,
     #[serde(serialize_with = "ser_duration")]
     pub first_byte_timeout: Duration,
@@ -263,7 +265,7 @@ struct RawConfig {
 #[serde(deny_unknown_fields)]
 struct RawProxy {
     listen: Option<Spanned<Vec<String>>>,
-    health: Option<Spanned<String>>,
+    health: Option<Spanned<RawAddrs>>,
     admin: Option<Spanned<String>>,
     first_byte_timeout: Option<Spanned<String>>,
     hello_timeout: Option<Spanned<String>>,
@@ -274,6 +276,14 @@ struct RawProxy {
     max_connections: Option<Spanned<RawMax>>,
     access_log: Option<Spanned<String>>,
     revoke_on_reload: Option<bool>,
+}
+
+/// `"IP:PORT"`, `"off"` or a list of `"IP:PORT"`.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RawAddrs {
+    One(String),
+    Many(Vec<String>),
 }
 
 #[derive(Deserialize)]
@@ -562,9 +572,36 @@ fn validate_proxy(ctx: &Ctx, raw: Option<&RawProxy>) -> Result<ProxySettings, Co
             out
         }
     };
+    // Both families by default: kubelet probes the pod IP of its own family,
+    // which in an IPv6-only cluster is an IPv6 address.
     let health = match &raw.health {
-        None => Some("0.0.0.0:15021".parse().expect("literal")),
-        Some(h) => sockaddr(ctx, h, "health")?,
+        None => vec![
+            "0.0.0.0:15021".parse().expect("literal"),
+            "[::]:15021".parse().expect("literal"),
+        ],
+        Some(h) => match h.get_ref() {
+            RawAddrs::One(s) => {
+                let one = Spanned::new(h.span(), s.clone());
+                sockaddr(ctx, &one, "health")?.into_iter().collect()
+            }
+            RawAddrs::Many(list) => {
+                let mut out = Vec::new();
+                for s in list {
+                    let a = s.trim().parse::<SocketAddr>().map_err(|_| {
+                        ctx.err(
+                            h.span().start,
+                            "[proxy] ",
+                            "health",
+                            format!(
+                                "`{s}` is not IP:PORT (e.g. \"0.0.0.0:15021\", \"[::]:15021\")"
+                            ),
+                        )
+                    })?;
+                    out.push(a);
+                }
+                out
+            }
+        },
     };
     let admin = match &raw.admin {
         None => Some("127.0.0.1:15000".parse().expect("literal")),
