@@ -6,7 +6,9 @@
 #   scripts/build-static.sh            # -> target/static/portcullis
 #   OUT=/usr/local/bin/portcullis scripts/build-static.sh   # and install it there
 #
-# It prints the path of the binary on stdout (the last line).
+# It prints the path of the binary on stdout (the last line). Exit status 3:
+# the binary was built but is not static or references NSS (a bug to fix,
+# not a machine to skip); any other failure is cargo's.
 #
 # CARGO_TARGET_DIR defaults to target/static so that the static build does
 # not invalidate the ordinary (dynamic) build's artifacts in target/.
@@ -35,19 +37,19 @@ bin="$CARGO_TARGET_DIR/portcullis"
 # Static: no program interpreter, no DT_NEEDED entry.
 if readelf -l "$linked" | grep -q 'INTERP'; then
   echo "build-static: $linked asks for a dynamic loader" >&2
-  exit 1
+  exit 3
 fi
 if readelf -d "$linked" | grep -q 'NEEDED'; then
   echo "build-static: $linked needs shared libraries:" >&2
   readelf -d "$linked" | grep NEEDED >&2
-  exit 1
+  exit 3
 fi
 # No NSS: these would try to dlopen libnss_*.so at run time.
 nss=$(nm "$linked")
 if bad=$(grep -Ew '(getaddrinfo|gethostbyname[_0-9a-z]*|getpwnam(_r)?|getpwuid(_r)?|getgrnam(_r)?|getgrgid(_r)?|getgrouplist|initgroups)' <<<"$nss"); then
   echo "build-static: $linked references glibc NSS functions:" >&2
   echo "$bad" >&2
-  exit 1
+  exit 3
 fi
 
 strip --strip-all -o "$bin.tmp" "$linked" && mv "$bin.tmp" "$bin"

@@ -1201,4 +1201,28 @@ mod tests {
         let e = check_self_exclusion(&c.redirect, 1000, 1000, false).unwrap_err();
         assert!(e.contains("uid 1337 and gid 1337"), "{e}");
     }
+
+    #[test]
+    fn health_on_both_families_by_default() {
+        let sa = |s: &str| s.parse::<SocketAddr>().unwrap();
+        let health = |t: &str| Config::parse(Path::new("t.toml"), t).map(|c| c.proxy.health);
+        assert_eq!(health("").unwrap(), [sa("0.0.0.0:15021"), sa("[::]:15021")]);
+        assert_eq!(
+            health("[proxy]\nhealth = \"127.0.0.1:9\"").unwrap(),
+            [sa("127.0.0.1:9")]
+        );
+        assert_eq!(
+            health("[proxy]\nhealth = [\"10.0.0.1:9\", \"[fd00::1]:9\"]").unwrap(),
+            [sa("10.0.0.1:9"), sa("[fd00::1]:9")]
+        );
+        assert!(health("[proxy]\nhealth = \"off\"").unwrap().is_empty());
+        assert!(health("[proxy]\nhealth = []").unwrap().is_empty());
+        let e = health("[proxy]\nhealth = [\"0.0.0.0:15021\", \"off\"]")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("health") && e.contains("`off` is not IP:PORT"),
+            "{e}"
+        );
+    }
 }
