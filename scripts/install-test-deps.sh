@@ -18,6 +18,11 @@ declare -A want=(
   [pkill]=procps    # procps: ps/sysctl for debugging; tests never use pkill
   [sysctl]=procps
   [setpriv]=util-linux
+  [unshare]=util-linux
+  # the static build (scripts/build-static.sh) and tests/static_binary.rs
+  [readelf]=binutils
+  [nm]=binutils
+  [strip]=binutils
 )
 
 missing=()
@@ -26,6 +31,8 @@ for cmd in "${!want[@]}"; do
     missing+=("${want[$cmd]}")
   fi
 done
+# glibc's static libraries, for the crt-static link
+[ -e /usr/lib/x86_64-linux-gnu/libc.a ] || missing+=(libc6-dev)
 [ "${#missing[@]}" -eq 0 ] && exit 0
 
 # de-duplicate
