@@ -707,3 +707,54 @@ fn kubernetes_example_config_passes_check() {
         "the cluster DNS is exempt: {dry:?}"
     );
 }
+
+// ---------------------------------------------------------------- health default
+
+/// Where IPv6 is off, an IPv6 health address that cannot be bound is a
+/// warning (as for `listen`), and the IPv4 one still answers kubelet. (The
+/// ordinary build: this is the listener's behaviour, not the packaging's.)
+#[test]
+fn health_without_ipv6_warns_and_serves_ipv4() {
+    let w = World::builder().upstreams(false).start();
+    let off = w.run_in(
+        &w.pod,
+        Cmd::new("sysctl").args(["-w", "net.ipv6.conf.all.disable_ipv6=1"]),
+    );
+    assert!(off.success(), "{off:?}");
+    let cfg = w.write_file(
+        "health.toml",
+        &CONFIG.replace(
+            "# health: the default, both families",
+            r#"health = ["0.0.0.0:15021", "[::1]:15021"]"#,
+        ),
+    );
+    let mut proxy = w.spawn_proxy(&["run", "-c", &cfg.to_string_lossy()]);
+    assert!(
+        proxy.wait_output(
+            "health endpoint addr=0.0.0.0:15021",
+            Duration::from_secs(20)
+        ),
+        "{}",
+        proxy.logs(4000)
+    );
+    assert!(
+        proxy.wait_output("IPv6 health listener not bound", Duration::from_secs(5)),
+        "{}",
+        proxy.logs(4000)
+    );
+    let out = w.run_in(
+        &w.inet,
+        Cmd::new("curl").args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "http://192.0.2.2:15021/ready",
+        ]),
+    );
+    assert_eq!(out.stdout, "200", "{out:?} {}", proxy.logs(4000));
+    assert!(proxy.is_running());
+    let st = proxy.terminate(Duration::from_secs(10));
+    assert_eq!(st.and_then(|s| s.code()), Some(0), "{}", proxy.logs(4000));
+}
