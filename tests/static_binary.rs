@@ -532,11 +532,11 @@ fn init_in_a_chroot_with_the_iptables_tools() {
             );
             assert!(check.success(), "{tool}-{backend} -C: {check:?}");
         }
-        // ... and are exactly what the ordinary build installs.
-        let twin = World::builder().upstreams(false).start();
+        // ... and are exactly what the ordinary build installs (in the
+        // world's other namespace, which has no rules of its own).
         let host_cfg = c.dir.join("etc/portcullis/config.toml");
         let direct = Cmd::new(portcullis_bin())
-            .ns(&twin.pod)
+            .ns(&w.inet)
             .env("PORTCULLIS_RESOLV_CONF", c.dir.join("etc/resolv.conf"))
             .args([
                 "init",
@@ -553,7 +553,7 @@ fn init_in_a_chroot_with_the_iptables_tools() {
                 assert!(out.success(), "{out:?}");
                 normalized(&out.stdout)
             };
-            let (got, want) = (save(&w.pod), save(&twin.pod));
+            let (got, want) = (save(&w.pod), save(&w.inet));
             assert!(got.iter().any(|l| l.contains("REDIRECT")), "{got:#?}");
             assert_eq!(got, want, "{tool}-{backend}");
         }
@@ -578,23 +578,35 @@ fn init_in_a_chroot_with_the_iptables_tools() {
         .split_whitespace()
         .filter(|w| !w.starts_with('-') && *w != "\\")
         .collect();
+    // One dpkg -S for all files (it reads its whole database each time);
+    // dpkg knows some files by their /usr-merged twin, so ask for both.
+    let twin = |f: &Path| -> String {
+        let f = f.to_string_lossy();
+        match f.strip_prefix("/usr") {
+            Some(rest) => rest.to_string(),
+            None => format!("/usr{f}"),
+        }
+    };
+    let mut query: Vec<String> = Vec::new();
+    for f in &files {
+        query.push(f.to_string_lossy().into_owned());
+        query.push(twin(f));
+    }
+    let owners = Cmd::new("dpkg").arg("-S").args(&query).run();
+    let owner_of: std::collections::HashMap<&str, &str> = owners
+        .stdout
+        .lines()
+        .filter_map(|l| l.split_once(": "))
+        .map(|(pkgs, path)| (path.trim(), pkgs.split(',').next().unwrap().trim()))
+        .collect();
     let mut packages = Vec::new();
     for f in &files {
-        let out = Cmd::new("dpkg").args(["-S"]).arg(f).run();
-        // dpkg knows files by their packaged path; try the /usr-merged twin
-        let out = if out.success() {
-            out
-        } else {
-            let alt = f
-                .to_string_lossy()
-                .strip_prefix("/usr")
-                .map(str::to_string)
-                .unwrap_or_else(|| format!("/usr{}", f.display()));
-            Cmd::new("dpkg").args(["-S", &alt]).run()
-        };
-        assert!(out.success(), "which package holds {f:?}? {out:?}");
-        let pkg = out.stdout.split(':').next().unwrap().trim().to_string();
-        packages.push(pkg);
+        let pkg = owner_of
+            .get(f.to_string_lossy().as_ref())
+            .or_else(|| owner_of.get(twin(f).as_str()))
+            .unwrap_or_else(|| panic!("which package holds {f:?}? {owners:?}"));
+        // "libc6:amd64" -> "libc6"
+        packages.push(pkg.split(':').next().unwrap().to_string());
     }
     packages.sort();
     packages.dedup();
