@@ -279,11 +279,35 @@ struct RawProxy {
 }
 
 /// `"IP:PORT"`, `"off"` or a list of `"IP:PORT"`.
-#[derive(Deserialize)]
-#[serde(untagged)]
 enum RawAddrs {
     One(String),
     Many(Vec<String>),
+}
+
+impl<'de> Deserialize<'de> for RawAddrs {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = RawAddrs;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("\"IP:PORT\", \"off\" or a list of \"IP:PORT\"")
+            }
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<RawAddrs, E> {
+                Ok(RawAddrs::One(s.to_string()))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<RawAddrs, A::Error> {
+                let mut out = Vec::new();
+                while let Some(s) = seq.next_element::<String>()? {
+                    out.push(s);
+                }
+                Ok(RawAddrs::Many(out))
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 #[derive(Deserialize)]
