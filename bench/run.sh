@@ -15,7 +15,8 @@
 #   CHURN_CONC  concurrency levels, default "1 64"
 #   IDLE_FLOWS  idle flows of the memory workload, default 5000
 #   HELLO       ClientHello replayed by the TLS churn, default tests/data/hellos/chromium-mlkem.bin
-#   PORTCULLIS  a prebuilt portcullis binary (default: cargo build --release of this tree)
+#   PORTCULLIS  a prebuilt portcullis binary (default: the shipped static binary,
+#               scripts/build-static.sh of this tree)
 #   BENCH_WORK  scratch directory (configs, logs, the Envoy venv), default /var/tmp/portcullis-bench
 #   BENCH_NICE  niceness of everything the benchmark runs, default -10 (0: unchanged)
 #   NO_INSTALL=1  do not install missing peers
@@ -135,9 +136,9 @@ build() {
   if [ -n "${PORTCULLIS:-}" ]; then
     PC=$PORTCULLIS
   else
-    log "cargo build --release (portcullis)"
-    (cd "$ROOT" && cargo build --release --locked --quiet)
-    PC=$ROOT/target/release/portcullis
+    # The binary users run: static, stripped (README "Install").
+    log "scripts/build-static.sh (portcullis, the shipped static binary)"
+    PC=$("$ROOT/scripts/build-static.sh" | tail -n 1)
   fi
   log "cargo build --release (bench/tools: pcbench)"
   (cd "$BENCH/tools" && cargo build --release --quiet)

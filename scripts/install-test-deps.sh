@@ -19,6 +19,11 @@ declare -A want=(
   [sysctl]=procps
   [setpriv]=util-linux
   [chromium]=chromium  # tests/page_e2e.rs: the traffic page in a real browser
+  [unshare]=util-linux
+  # the static build (scripts/build-static.sh) and tests/static_binary.rs
+  [readelf]=binutils
+  [nm]=binutils
+  [strip]=binutils
 )
 
 missing=()
@@ -27,6 +32,8 @@ for cmd in "${!want[@]}"; do
     missing+=("${want[$cmd]}")
   fi
 done
+# glibc's static libraries, for the crt-static link
+[ -e /usr/lib/x86_64-linux-gnu/libc.a ] || missing+=(libc6-dev)
 [ "${#missing[@]}" -eq 0 ] && exit 0
 
 # de-duplicate

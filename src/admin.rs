@@ -425,15 +425,31 @@ pub fn admin_router(shared: Arc<Shared>) -> Router {
 /// by its caps and timeouts (`crate::endpoint`).
 pub async fn spawn(shared: Arc<Shared>, cfg: &Config) -> std::io::Result<()> {
     use crate::endpoint::{bind, serve, ConnLimiter, ADMIN_LIMITS, HEALTH_LIMITS};
-    if let Some(addr) = cfg.proxy.health {
+    // One limiter for every health address: its caps count the listener as a
+    // whole, whichever family a peer arrives on.
+    let health_limiter = ConnLimiter::new("health", HEALTH_LIMITS);
+    for &addr in &cfg.proxy.health {
         let app = Router::new()
             .route("/ready", get(ready))
             .route("/metrics", get(metrics))
             .with_state(shared.clone());
-        let l = bind("health", addr).await?;
+        // IPv6 is V6ONLY, so "0.0.0.0:15021" and "[::]:15021" (the default)
+        // bind side by side; where IPv6 is off the IPv6 one is skipped.
+        let l = match crate::proxy::bind_one(addr) {
+            Ok(l) => l,
+            Err(e) if crate::proxy::ipv6_unavailable(addr, &e) => {
+                tracing::warn!(%addr, error = %e, "IPv6 health listener not bound (IPv6 disabled?): continuing without it");
+                continue;
+            }
+            Err(e) => {
+                return Err(std::io::Error::new(
+                    e.kind(),
+                    format!("cannot listen on health {addr}: {e}"),
+                ))
+            }
+        };
         tracing::info!(%addr, per_peer = HEALTH_LIMITS.per_peer, total = HEALTH_LIMITS.total, "health endpoint");
-        let limiter = ConnLimiter::new("health", HEALTH_LIMITS);
-        tokio::spawn(serve(l, app, limiter, shared.clone()));
+        tokio::spawn(serve(l, app, health_limiter.clone(), shared.clone()));
     }
     if let Some(addr) = cfg.proxy.admin {
         let app = admin_router(shared.clone());

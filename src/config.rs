@@ -152,7 +152,9 @@ pub enum AccessLog {
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct ProxySettings {
     pub listen: Vec<SocketAddr>,
-    pub health: Option<SocketAddr>,
+    /// Empty: off. IPv6 addresses are bound IPV6_V6ONLY; one that cannot be
+    /// bound because IPv6 is off is a warning, as for `listen`.
+    pub health: Vec<SocketAddr>,
     pub admin: Option<SocketAddr>,
     #[serde(serialize_with = "ser_duration")]
     pub first_byte_timeout: Duration,
@@ -323,7 +325,7 @@ struct RawFragment {
 #[serde(deny_unknown_fields)]
 struct RawProxy {
     listen: Option<Spanned<Vec<String>>>,
-    health: Option<Spanned<String>>,
+    health: Option<Spanned<RawAddrs>>,
     admin: Option<Spanned<String>>,
     first_byte_timeout: Option<Spanned<String>>,
     hello_timeout: Option<Spanned<String>>,
@@ -338,6 +340,38 @@ struct RawProxy {
     explicit_clients: Option<Spanned<Vec<String>>>,
     resolv_conf: Option<Spanned<String>>,
     hosts_file: Option<Spanned<String>>,
+}
+
+/// `"IP:PORT"`, `"off"` or a list of `"IP:PORT"`.
+enum RawAddrs {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl<'de> Deserialize<'de> for RawAddrs {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = RawAddrs;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("\"IP:PORT\", \"off\" or a list of \"IP:PORT\"")
+            }
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<RawAddrs, E> {
+                Ok(RawAddrs::One(s.to_string()))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<RawAddrs, A::Error> {
+                let mut out = Vec::new();
+                while let Some(s) = seq.next_element::<String>()? {
+                    out.push(s);
+                }
+                Ok(RawAddrs::Many(out))
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 #[derive(Deserialize)]
@@ -788,9 +822,36 @@ fn validate_proxy(ctx: &Ctx, raw: Option<&RawProxy>) -> Result<ProxySettings, Co
             out
         }
     };
+    // Both families by default: kubelet probes the pod IP of its own family,
+    // which in an IPv6-only cluster is an IPv6 address.
     let health = match &raw.health {
-        None => Some("0.0.0.0:15021".parse().expect("literal")),
-        Some(h) => sockaddr(ctx, h, "health")?,
+        None => vec![
+            "0.0.0.0:15021".parse().expect("literal"),
+            "[::]:15021".parse().expect("literal"),
+        ],
+        Some(h) => match h.get_ref() {
+            RawAddrs::One(s) => {
+                let one = Spanned::new(h.span(), s.clone());
+                sockaddr(ctx, &one, "health")?.into_iter().collect()
+            }
+            RawAddrs::Many(list) => {
+                let mut out = Vec::new();
+                for s in list {
+                    let a = s.trim().parse::<SocketAddr>().map_err(|_| {
+                        ctx.err(
+                            h.span().start,
+                            "[proxy] ",
+                            "health",
+                            format!(
+                                "`{s}` is not IP:PORT (e.g. \"0.0.0.0:15021\", \"[::]:15021\")"
+                            ),
+                        )
+                    })?;
+                    out.push(a);
+                }
+                out
+            }
+        },
     };
     let admin = match &raw.admin {
         None => Some("127.0.0.1:15000".parse().expect("literal")),
@@ -1751,5 +1812,29 @@ mod tests {
                 "{bad}: {e}"
             );
         }
+    }
+
+    #[test]
+    fn health_on_both_families_by_default() {
+        let sa = |s: &str| s.parse::<SocketAddr>().unwrap();
+        let health = |t: &str| Config::parse(Path::new("t.toml"), t).map(|c| c.proxy.health);
+        assert_eq!(health("").unwrap(), [sa("0.0.0.0:15021"), sa("[::]:15021")]);
+        assert_eq!(
+            health("[proxy]\nhealth = \"127.0.0.1:9\"").unwrap(),
+            [sa("127.0.0.1:9")]
+        );
+        assert_eq!(
+            health("[proxy]\nhealth = [\"10.0.0.1:9\", \"[fd00::1]:9\"]").unwrap(),
+            [sa("10.0.0.1:9"), sa("[fd00::1]:9")]
+        );
+        assert!(health("[proxy]\nhealth = \"off\"").unwrap().is_empty());
+        assert!(health("[proxy]\nhealth = []").unwrap().is_empty());
+        let e = health("[proxy]\nhealth = [\"0.0.0.0:15021\", \"off\"]")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("health") && e.contains("`off` is not IP:PORT"),
+            "{e}"
+        );
     }
 }

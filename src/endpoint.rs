@@ -64,8 +64,10 @@ const MAX_BUF: usize = 16 * 1024;
 /// File descriptors the enabled listeners may hold: their listening socket,
 /// their connection cap, and the one connection being refused at a time.
 pub fn reserved_fds(proxy: &ProxySettings) -> u64 {
+    // what a listener may hold (its caps count all its addresses together),
+    // plus two for its listening sockets (one per family)
     let one = |on: bool, l: Limits| if on { 2 + l.total as u64 } else { 0 };
-    one(proxy.health.is_some(), HEALTH_LIMITS) + one(proxy.admin.is_some(), ADMIN_LIMITS)
+    one(!proxy.health.is_empty(), HEALTH_LIMITS) + one(proxy.admin.is_some(), ADMIN_LIMITS)
 }
 
 /// Whom a per-peer cap counts together. Every loopback address is one peer

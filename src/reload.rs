@@ -181,7 +181,7 @@ pub fn plan(started: &Config, old: &Config, mut new: Config) -> Plan {
     }
     if a.health != b.health {
         restart.push("proxy.health".to_string());
-        b.health = a.health;
+        b.health = a.health.clone();
     }
     if a.admin != b.admin {
         restart.push("proxy.admin".to_string());

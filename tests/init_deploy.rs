@@ -4,7 +4,7 @@
 //! /ready, the app as another uid without capabilities; the systemd unit runs
 //! init privileged before the proxy and leaves the rules when it stops.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use portcullis::config::Config;
 use serde_norway::Value;
@@ -75,32 +75,112 @@ fn named<'a>(list: &'a Value, name: &str) -> (usize, &'a Value) {
         .unwrap_or_else(|| panic!("no container {name}"))
 }
 
-#[test]
-fn kubernetes_example() {
-    let docs: Vec<Value> = [
+/// The files of the pod's /etc/portcullis, as kubelet lays them out from the
+/// two ConfigMaps: the keys of portcullis-config at the top, those of
+/// portcullis-serviceentries under istio/ (tests/static_binary.rs runs the
+/// static binary's `check` and `init --dry-run` on exactly these files).
+fn pod_etc_portcullis() -> Vec<(String, String)> {
+    let docs = kubernetes_docs();
+    let mut files = Vec::new();
+    for (name, dir) in [
+        ("portcullis-config", ""),
+        ("portcullis-serviceentries", "istio/"),
+    ] {
+        let cm = docs
+            .iter()
+            .find(|d| {
+                d.get("kind").and_then(Value::as_str) == Some("ConfigMap")
+                    && d.get("metadata")
+                        .and_then(|m| m.get("name"))
+                        .and_then(Value::as_str)
+                        == Some(name)
+            })
+            .unwrap_or_else(|| panic!("no ConfigMap {name}"));
+        for (k, v) in at(cm, "data").as_mapping().expect("data is a map") {
+            files.push((
+                format!("{dir}{}", k.as_str().expect("key")),
+                v.as_str().expect("a string").to_string(),
+            ));
+        }
+    }
+    files
+}
+
+fn kubernetes_docs() -> Vec<Value> {
+    [
         "deploy/kubernetes/configmap.yaml",
+        "deploy/kubernetes/serviceentries.yaml",
         "deploy/kubernetes/deployment.yaml",
     ]
     .iter()
     .flat_map(|f| yaml(f))
-    .collect();
+    .collect()
+}
+
+#[test]
+fn kubernetes_example() {
+    let docs = kubernetes_docs();
     let cm = by_kind(&docs, "ConfigMap");
     let dep = by_kind(&docs, "Deployment");
 
-    // The registry in the ConfigMap is a valid config.
+    // The settings the pod spec must agree with, read as plain TOML (the
+    // whole config is checked by `portcullis check` in
+    // tests/static_binary.rs, with the included ServiceEntries).
     let cfg_text = at(cm, "data")
         .get("config.toml")
         .and_then(Value::as_str)
         .expect("data.\"config.toml\"");
-    let cfg = Config::parse(Path::new("configmap.yaml"), cfg_text)
-        .unwrap_or_else(|e| panic!("the ConfigMap's config.toml: {e}"));
-    assert!(cfg.warnings.is_empty(), "{:?}", cfg.warnings);
-    let uid = i64::from(cfg.redirect.proxy_uid);
-    let gid = i64::from(cfg.redirect.proxy_gid.expect("proxy_gid set"));
-    let health = cfg.proxy.health.expect("health endpoint").port();
-    // ... and renders: the same rules init would install.
-    let rules = portcullis::init::render(&cfg, &[]);
-    assert!(rules.v4.table("nat").is_some() && rules.v6.table("filter").is_some());
+    let cfg: toml::Table = cfg_text
+        .parse()
+        .unwrap_or_else(|e| panic!("the ConfigMap's config.toml is not TOML: {e}"));
+    let key = |path: &str| -> &toml::Value {
+        let mut cur = cfg.get(path.split('.').next().unwrap());
+        for k in path.split('.').skip(1) {
+            cur = cur.and_then(|v| v.get(k));
+        }
+        cur.unwrap_or_else(|| panic!("config.toml: no `{path}`"))
+    };
+    let uid = key("redirect.proxy_uid").as_integer().expect("proxy_uid");
+    let gid = key("redirect.proxy_gid").as_integer().expect("proxy_gid");
+    // health on both families: kubelet probes the pod IP of its own family
+    let health: Vec<std::net::SocketAddr> = key("proxy.health")
+        .as_array()
+        .expect("health is a list")
+        .iter()
+        .map(|a| a.as_str().expect("a string").parse().expect("IP:PORT"))
+        .collect();
+    assert_eq!(
+        health,
+        [
+            "0.0.0.0:15021".parse().unwrap(),
+            "[::]:15021".parse::<std::net::SocketAddr>().unwrap()
+        ]
+    );
+    let health = health[0].port();
+    // the ServiceEntries come from the second ConfigMap, mounted at istio/
+    assert_eq!(
+        key("include").as_array().expect("include is a list"),
+        &vec![toml::Value::from("istio/*.yaml")]
+    );
+    // the resolver's files are read-only copies in the ConfigMap
+    for (k, file) in [
+        ("proxy.resolv_conf", "resolv.conf"),
+        ("proxy.hosts_file", "hosts"),
+    ] {
+        assert_eq!(
+            key(k).as_str(),
+            Some(format!("/etc/portcullis/{file}").as_str())
+        );
+        assert!(at(cm, "data").get(file).is_some(), "data.{file}");
+    }
+    let ses = pod_etc_portcullis();
+    let ses: Vec<&String> = ses
+        .iter()
+        .filter(|(f, _)| f.starts_with("istio/"))
+        .map(|(f, _)| f)
+        .collect();
+    assert!(ses.len() >= 2, "{ses:?}");
+    assert!(ses.iter().all(|f| f.ends_with(".yaml")), "{ses:?}");
 
     let pod = at(dep, "spec.template.spec");
     let inits = at(pod, "initContainers");
@@ -150,20 +230,35 @@ fn kubernetes_example() {
         Some(false)
     );
 
-    // both portcullis containers read the ConfigMap at /etc/portcullis
-    let cm_name = str_at(cm, "metadata.name");
-    let vol = at(pod, "volumes")
-        .as_sequence()
-        .expect("volumes")
-        .iter()
-        .find(|v| v.get("configMap").is_some())
-        .expect("a configMap volume");
-    assert_eq!(str_at(vol, "configMap.name"), cm_name);
-    for c in [init, side] {
-        let m = at(c, "volumeMounts.0");
-        assert_eq!(str_at(m, "name"), str_at(vol, "name"));
-        assert_eq!(str_at(m, "mountPath"), "/etc/portcullis");
+    // both portcullis containers read the ConfigMaps at /etc/portcullis and
+    // /etc/portcullis/istio
+    let vols = at(pod, "volumes").as_sequence().expect("volumes");
+    for (cm_name, path) in [
+        ("portcullis-config", "/etc/portcullis"),
+        ("portcullis-serviceentries", "/etc/portcullis/istio"),
+    ] {
+        let vol = vols
+            .iter()
+            .find(|v| {
+                v.get("configMap")
+                    .and_then(|c| c.get("name"))
+                    .and_then(Value::as_str)
+                    == Some(cm_name)
+            })
+            .unwrap_or_else(|| panic!("no volume of ConfigMap {cm_name}"));
+        for c in [init, side] {
+            let m = at(c, "volumeMounts")
+                .as_sequence()
+                .expect("volumeMounts")
+                .iter()
+                .find(|m| m.get("mountPath").and_then(Value::as_str) == Some(path))
+                .unwrap_or_else(|| panic!("{path} not mounted"));
+            assert_eq!(str_at(m, "name"), str_at(vol, "name"));
+            assert_eq!(at(m, "readOnly").as_bool(), Some(true));
+        }
     }
+    // the image is the one placeholder, the same in both roles
+    assert_eq!(str_at(init, "image"), str_at(side, "image"));
 }
 
 #[test]

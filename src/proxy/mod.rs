@@ -300,13 +300,7 @@ pub fn bind_listeners(addrs: &[SocketAddr]) -> io::Result<Vec<TcpListener>> {
     for addr in addrs {
         match bind_one(*addr) {
             Ok(l) => out.push(l),
-            Err(e)
-                if addr.is_ipv6()
-                    && matches!(
-                        e.raw_os_error(),
-                        Some(libc::EADDRNOTAVAIL) | Some(libc::EAFNOSUPPORT)
-                    ) =>
-            {
+            Err(e) if ipv6_unavailable(*addr, &e) => {
                 tracing::warn!(%addr, error = %e, "IPv6 listener not bound (IPv6 disabled?): continuing without it");
             }
             Err(e) => {
@@ -323,7 +317,18 @@ pub fn bind_listeners(addrs: &[SocketAddr]) -> io::Result<Vec<TcpListener>> {
     Ok(out)
 }
 
-fn bind_one(addr: SocketAddr) -> io::Result<TcpListener> {
+/// Whether binding `addr` failed only because this host (or namespace) has
+/// no IPv6.
+pub(crate) fn ipv6_unavailable(addr: SocketAddr, e: &io::Error) -> bool {
+    addr.is_ipv6()
+        && matches!(
+            e.raw_os_error(),
+            Some(libc::EADDRNOTAVAIL) | Some(libc::EAFNOSUPPORT)
+        )
+}
+
+/// One listener; IPv6 is IPV6_V6ONLY.
+pub(crate) fn bind_one(addr: SocketAddr) -> io::Result<TcpListener> {
     let sock = Socket::new(
         Domain::for_address(addr),
         Type::STREAM.nonblocking().cloexec(),
