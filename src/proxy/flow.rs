@@ -15,7 +15,7 @@ use crate::detect::{Detector, Protocol, Step};
 use crate::metrics::ConnLabels;
 use crate::net::{canonical_addr, OrigDst};
 use crate::proxy::deny;
-use crate::proxy::upstream::ConnectError;
+use crate::proxy::upstream::{ConnectError, Hop, LOOP_HOPS};
 use crate::proxy::{Generation, Shared};
 use crate::registry::{Decision, DetectPlan, FlowFacts, FlowProtocol, Reason, Registry, Verdict};
 use crate::relay::{Counters, Direction, RelayEnd};
@@ -48,6 +48,8 @@ struct Flow {
     started: Instant,
     rec: FlowRecord,
     counted: bool,
+    /// The loop guard's hop count (see `OwnSockets`); the upstream socket inherits it.
+    hop: Hop,
 }
 
 impl Flow {
@@ -71,6 +73,7 @@ impl Flow {
                 error: None,
             },
             counted: false,
+            hop: 0,
         }
     }
 
@@ -148,7 +151,13 @@ pub async fn handle(shared: Arc<Shared>, client: TcpStream, peer: SocketAddr, lo
         }
     };
     flow.rec.dst = Some(dst.0);
-    if shared.dialer.own.is_loop(peer, dst.0) {
+    flow.hop = shared.dialer.own.hop(peer, dst.0, Instant::now());
+    if flow.hop == 1 {
+        // One pass through the proxy from its own socket's address: a loop, or a client NAT
+        // moved onto that port. Let it through; a loop comes back once more and is reset then.
+        tracing::debug!(%peer, dst = %dst.0, "flow from the address of an upstream socket of ours");
+    }
+    if flow.hop >= LOOP_HOPS {
         let v = Registry::loop_verdict();
         flow.decided(&shared, reg, &v);
         deny::reset(client);
@@ -245,7 +254,7 @@ async fn connect_first(
     let addrs = vec![dst.0];
     let up = match shared
         .dialer
-        .connect(&addrs, gen.config().proxy.connect_timeout)
+        .connect(&addrs, gen.config().proxy.connect_timeout, flow.hop)
         .await
     {
         Ok(c) => c,
@@ -496,7 +505,7 @@ async fn connect_and_relay(
     flow.decided(shared, reg, &v);
     let up = match shared
         .dialer
-        .connect(&addrs, cfg.proxy.connect_timeout)
+        .connect(&addrs, cfg.proxy.connect_timeout, flow.hop)
         .await
     {
         Ok(c) => c,
