@@ -96,11 +96,7 @@ pub fn spawn_watcher(
             let why = tokio::select! {
                 t = rx.recv() => match t {
                     None => return,
-                    Some(Trigger::Signal) => {
-                        // SIGHUP also reopens a file access log (logrotate).
-                        shared.access_log.reopen();
-                        "SIGHUP"
-                    }
+                    Some(Trigger::Signal) => "SIGHUP",
                     Some(Trigger::FileChanged) => "file changed",
                 },
                 _ = tick.tick() => {
@@ -117,10 +113,27 @@ pub fn spawn_watcher(
             };
             // Taken before reading: a change made after it is seen next tick.
             last = fingerprint(&path).or(last);
-            reload(&shared, &path, why);
+            // Reading the file may block (a FIFO, a hung network filesystem): never on a
+            // runtime worker, where it could stall the I/O driver and with it every flow and
+            // signal.
+            let (s, p) = (shared.clone(), path.clone());
+            if let Err(e) = tokio::task::spawn_blocking(move || reload(&s, &p, why)).await {
+                tracing::error!(error = %e, "reload task failed");
+            }
         }
     });
     tx
+}
+
+/// What SIGHUP does, from the signal loop, which must never wait (SIGTERM must always be
+/// seen): reopen a file access log (logrotate), and queue a reload unless one is queued
+/// already. A reload still in the queue reads the file when it runs, so nothing is lost by
+/// not queueing a second one.
+pub fn sighup(shared: &Shared, reloads: &mpsc::Sender<Trigger>) {
+    shared.access_log.reopen();
+    if let Err(mpsc::error::TrySendError::Full(_)) = reloads.try_send(Trigger::Signal) {
+        tracing::info!("SIGHUP: a reload is already queued");
+    }
 }
 
 /// The outcome of comparing a new file with the running config, pure.

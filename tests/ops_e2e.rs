@@ -1382,6 +1382,46 @@ fn revoke_on_reload_closes_flows_of_removed_entries_after_drain_timeout() {
 
 // ------------------------------------------------------------ shutdown
 
+/// Issue 16 point 4: the signal loop never waits on the reload queue. Reloads are stuck (the
+/// config path is a FIFO nobody writes: reading it blocks), SIGHUPs keep coming until the queue
+/// is full, and SIGTERM must still start the drain at once.
+#[test]
+fn sigterm_is_seen_while_reloads_are_stuck_and_their_queue_is_full() {
+    use std::os::unix::ffi::OsStrExt;
+    let text = config("", "", "");
+    let mut ops = Ops::start(&text);
+    let fifo = ops.cfg.with_extension("fifo");
+    let c = std::ffi::CString::new(fifo.as_os_str().as_bytes()).unwrap();
+    // SAFETY: mkfifo with a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
+    set_mode(&fifo, 0o644);
+    let link = ops.cfg.with_extension("link");
+    std::fs::hard_link(&fifo, &link).unwrap();
+    std::fs::rename(&link, &ops.cfg).unwrap();
+    // The file watcher sees the change within a second or so and blocks reading the FIFO.
+    std::thread::sleep(Duration::from_millis(1600));
+    for _ in 0..20 {
+        assert!(ops.proxy.signal(libc::SIGHUP));
+        std::thread::sleep(Duration::from_millis(40));
+    }
+    assert!(ops.proxy.signal(libc::SIGTERM));
+    let seen = ops.proxy.wait_output("draining", Duration::from_secs(3));
+    // Unblock the stuck reload (a regular file first, so the queued reloads do not block
+    // again), then let the proxy finish.
+    let tmp = ops.cfg.with_extension("tmp");
+    std::fs::write(&tmp, &text).unwrap();
+    set_mode(&tmp, 0o644);
+    std::fs::rename(&tmp, &ops.cfg).unwrap();
+    std::fs::write(&fifo, &text).unwrap();
+    let status = ops.proxy.wait_timeout(Duration::from_secs(10));
+    assert!(seen, "SIGTERM not seen\n{}", ops.proxy.logs(3000));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "{status:?}\n{}",
+        ops.proxy.logs(3000)
+    );
+}
+
 #[test]
 fn sigterm_drains_serving_old_and_new_flows_then_exits_zero() {
     let proxy = "drain_min = \"1s\"\ndrain_timeout = \"20s\"";
