@@ -39,7 +39,7 @@ pub fn summary(cfg: &Config) -> String {
             .map(|p| format!("{}/{}", p.number, p.protocol.as_str()))
             .collect();
         let mut line = format!(
-            "  {} (line {}): {} on {}, resolution {:?}",
+            "  {} (line {}): {} on {}, resolution {}",
             e.name,
             e.line,
             if hosts.is_empty() {
@@ -48,19 +48,13 @@ pub fn summary(cfg: &Config) -> String {
                 hosts.join(", ")
             },
             ports.join(", "),
-            e.resolution
+            resolution_str(&e.resolution)
         );
         if !e.addresses.is_empty() {
             let a: Vec<String> = e.addresses.iter().map(|c| c.to_string()).collect();
             let _ = write!(line, ", addresses {}", a.join(", "));
         }
-        let _ = writeln!(
-            out,
-            "{}",
-            line.replace("Dns", "DNS")
-                .replace("None", "NONE")
-                .replace("Static", "STATIC")
-        );
+        let _ = writeln!(out, "{line}");
     }
     for w in &cfg.warnings {
         let _ = writeln!(out, "warning: {w}");
@@ -204,4 +198,13 @@ pub fn explain(cfg: Arc<Config>, dst: SocketAddr, sni: Option<&str>, host: Optio
         }
     }
     out
+}
+
+/// The resolution as the config file spells it.
+fn resolution_str(r: &crate::config::Resolution) -> &'static str {
+    match r {
+        crate::config::Resolution::Dns => "DNS",
+        crate::config::Resolution::None => "NONE",
+        crate::config::Resolution::Static => "STATIC",
+    }
 }
