@@ -231,6 +231,32 @@ fn echo(s: &mut TcpStream, n: usize) {
 }
 
 /// Reads until EOF or reset (true), or false if the peer stays open for `t`.
+/// How `s` ends within `t`: None if still open, `Ok(())` for a FIN, else the error kind.
+fn end_within(s: &mut TcpStream, t: Duration) -> Option<Result<(), io::ErrorKind>> {
+    let deadline = Instant::now() + t;
+    let mut buf = [0u8; 4096];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return None;
+        }
+        s.set_read_timeout(Some(left)).unwrap();
+        match s.read(&mut buf) {
+            Ok(0) => return Some(Ok(())),
+            Ok(_) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                return None
+            }
+            Err(e) => return Some(Err(e.kind())),
+        }
+    }
+}
+
 fn closed_within(s: &mut TcpStream, t: Duration) -> bool {
     let deadline = Instant::now() + t;
     let mut buf = [0u8; 4096];
@@ -1355,9 +1381,11 @@ fn revoke_on_reload_closes_flows_of_removed_entries_after_drain_timeout() {
         reset_or_closed(&ops.world, sa(addr::OTHER_V4, port::ECHO)),
         "new flows to backend are denied"
     );
-    assert!(
-        closed_within(&mut a, Duration::from_secs(10)),
-        "revoked flow still open"
+    // Reset, not closed with FIN: a FIN would tell the client the stream ended.
+    assert_eq!(
+        end_within(&mut a, Duration::from_secs(10)),
+        Some(Err(io::ErrorKind::ConnectionReset)),
+        "revoked flow still open, or closed with FIN"
     );
     let l = ops.log_find("of the revoked flow", |l| {
         l["entry"] == "backend" && l["decision"] == "allow"

@@ -2,6 +2,7 @@
 //! decision, upstream, relay, and the one access-log line at its end.
 
 use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
@@ -568,7 +569,20 @@ async fn write_and_relay(
         }
     };
     // Closed from outside: revoke_on_reload (a reload removed the entry) or
-    // the end of a drain (see reload::closed).
+    // the end of a drain (see reload::closed). Both sides are reset, not
+    // closed with FIN: a FIN would tell the client that a cut stream ended.
+    let fds = (client.as_raw_fd(), upstream.as_raw_fd());
+    let closed = async {
+        let why = crate::reload::closed(shared, entry).await;
+        for fd in [fds.0, fds.1] {
+            // SAFETY: both sockets are owned by the relay future of the select! below,
+            // which is alive (not yet dropped) while this branch is polled; dropping it
+            // afterwards closes them, now with an RST.
+            let sock = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+            let _ = socket2::SockRef::from(&sock).set_linger(Some(std::time::Duration::ZERO));
+        }
+        why
+    };
     let end = tokio::select! {
         // Built in place: a relay future held in a local and moved into
         // select! would take its size twice in every flow.
@@ -581,7 +595,7 @@ async fn write_and_relay(
             gen.config().proxy.idle_timeout,
             on_bytes,
         ) => end,
-        why = crate::reload::closed(shared, entry) => {
+        why = closed => {
             flow.rec.error = Some(why.to_string());
             return;
         }
