@@ -38,7 +38,13 @@ pub struct FlowRecord {
     pub bytes_up: u64,
     pub bytes_down: u64,
     pub duration_ms: u64,
+    /// How an allowed flow ended badly (README, "Access log"); null when it did not.
     pub error: Option<String>,
+    /// `"client"`: the client closed with an RST after both sides had sent data, which is how
+    /// curl and browsers end a TLS connection whose last bytes (session tickets, close_notify)
+    /// they did not read: not a failure, so `error` stays null. Absent otherwise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reset_by: Option<&'static str>,
 }
 
 /// Queue capacity: enough for bursts of short flows while the reader is slow
@@ -354,6 +360,7 @@ mod tests {
             bytes_down: 0,
             duration_ms: 0,
             error: None,
+            reset_by: None,
         }
     }
 

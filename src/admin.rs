@@ -373,6 +373,7 @@ mod tests {
             bytes_down: 0,
             duration_ms: 0,
             error: None,
+            reset_by: None,
         }
     }
 

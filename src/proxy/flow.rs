@@ -72,6 +72,7 @@ impl Flow {
                 bytes_down: 0,
                 duration_ms: 0,
                 error: None,
+                reset_by: None,
             },
             counted: false,
             hop: 0,
@@ -600,8 +601,14 @@ async fn write_and_relay(
             return;
         }
     };
-    if !matches!(end, RelayEnd::Done) {
-        flow.rec.error = Some(end.to_string());
+    match end {
+        RelayEnd::Done => {}
+        // Both sides had their say and the client ended with an RST (curl, browsers after
+        // TLS): the exchange is over, not failed.
+        RelayEnd::ClientReset if counters.up() > 0 && counters.down() > 0 => {
+            flow.rec.reset_by = Some("client");
+        }
+        end => flow.rec.error = Some(end.to_string()),
     }
 }
 

@@ -359,6 +359,7 @@ fn overload(shared: &Shared, stream: tokio::net::TcpStream, peer: SocketAddr) {
             "max_connections ({}) reached",
             shared.max_connections
         )),
+        reset_by: None,
     });
 }
 
