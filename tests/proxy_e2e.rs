@@ -481,6 +481,40 @@ fn own_upstream_connection_coming_back_is_a_loop() {
     );
 }
 
+#[test]
+fn own_upstream_connection_coming_back_after_detection_is_a_loop() {
+    // The same forgotten exclusion under REGISTRY_ONLY, on the path that reads the client's
+    // hello first: each pass connects only after the hello, which the previous pass relays.
+    let world = World::start();
+    world.redirect(15001, None);
+    let cfg = world.write_file(
+        "config.toml",
+        &format!(
+            "{PROXY_BASE}
+{API}"
+        ),
+    );
+    let proxy = world.spawn_proxy(&["run", "-c", cfg.to_str().unwrap()]);
+    world.wait_tcp(&world.pod, "127.0.0.1:15001".parse().unwrap());
+    let mut px = Px { world, proxy };
+    let out = px.world.curl(&["https://api.example.com/"]);
+    assert!(!out.success(), "a looping flow got an answer: {out:?}");
+    let log = px.log(3);
+    assert!(
+        log.iter().any(|l| l["decision"] == "deny"
+            && l["reason"] == "loop"
+            && l["dst"].as_str().is_some_and(|d| d.ends_with(":443"))),
+        "{log:?}"
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let lines = px.proxy.stdout().lines().count();
+    assert_eq!(lines, 3, "the loop went on: {}", px.proxy.stdout());
+    assert!(
+        px.world.upstream_accepts().is_empty(),
+        "nothing reached the upstream"
+    );
+}
+
 /// Issue 16, point 1: a client whose source port NAT moved onto the local port of one of the
 /// proxy's live upstream sockets (to the same destination) is an ordinary client, not a loop.
 ///
