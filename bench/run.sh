@@ -18,7 +18,7 @@
 #   PORTCULLIS  a prebuilt portcullis binary (default: cargo build --release of this tree)
 #   BENCH_WORK  scratch directory (configs, logs, the Envoy venv), default /var/tmp/portcullis-bench
 #   BENCH_NICE  niceness of everything the benchmark runs, default -10 (0: unchanged)
-#   NO_INSTALL=1  do not install missing peers
+#   NO_INSTALL=1  do not install missing peers (only what TARGETS and WORKLOADS use is required)
 set -euo pipefail
 
 BENCH=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
