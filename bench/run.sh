@@ -19,7 +19,7 @@
 #               scripts/build-static.sh of this tree)
 #   BENCH_WORK  scratch directory (configs, logs, the Envoy venv), default /var/tmp/portcullis-bench
 #   BENCH_NICE  niceness of everything the benchmark runs, default -10 (0: unchanged)
-#   NO_INSTALL=1  do not install missing peers
+#   NO_INSTALL=1  do not install missing peers (only what TARGETS and WORKLOADS use is required)
 set -euo pipefail
 
 BENCH=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -100,12 +100,21 @@ IN_S=(ip netns exec "$NS_S")
 # ---------------------------------------------------------------------------------------------
 # Peers and tools
 
+# wants_target T / wants_workload W: T (W) is among the selected TARGETS (WORKLOADS).
+wants_target() { [[ " $TARGETS " == *" $1 "* ]]; }
+wants_workload() { [[ " $WORKLOADS " == *" $1 "* ]]; }
+wants_bulk() { wants_workload bulk || wants_workload bulk16; }
+
+# Installs (or, with NO_INSTALL=1, only requires) what the selected targets and workloads use.
 install_peers() {
   local need=()
-  command -v iperf3 >/dev/null || need+=(iperf3)
-  command -v haproxy >/dev/null || need+=(haproxy)
-  command -v nginx >/dev/null || need+=(nginx-light)
-  [ -e /usr/lib/nginx/modules/ngx_stream_module.so ] || need+=(libnginx-mod-stream)
+  ENVOY=""
+  if wants_bulk; then command -v iperf3 >/dev/null || need+=(iperf3); fi
+  if wants_target haproxy; then command -v haproxy >/dev/null || need+=(haproxy); fi
+  if wants_target nginx; then
+    command -v nginx >/dev/null || need+=(nginx-light)
+    [ -e /usr/lib/nginx/modules/ngx_stream_module.so ] || need+=(libnginx-mod-stream)
+  fi
   command -v dnsmasq >/dev/null || need+=(dnsmasq-base)
   command -v iptables-restore >/dev/null || need+=(iptables)
   command -v setpriv >/dev/null || need+=(util-linux)
@@ -117,6 +126,7 @@ install_peers() {
     apt-get update -qq >/dev/null
     apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
   fi
+  wants_target envoy || return 0
   ENVOY_VENV=$BENCH_WORK/envoy-venv
   ENVOY=$(find "$ENVOY_VENV" -path '*/envoy/_bin/envoy' -type f 2>/dev/null | head -1 || true)
   local have=""
@@ -198,10 +208,14 @@ topology() {
   "${IN_S[@]}" "${NOFILE_EXEC[@]}" "$PCB" serve \
     --tls "$UP_IP:443" --http "$UP_IP:80" --hold "$UP_IP:7000" >"$RUN_DIR/serve.log" 2>&1 &
   PIDS+=($!)
-  "${IN_S[@]}" iperf3 -s -B "$UP_IP" -p 5201 >"$RUN_DIR/iperf3-server.log" 2>&1 &
-  PIDS+=($!)
+  local ports=(443 80 7000)
+  if wants_bulk; then
+    "${IN_S[@]}" iperf3 -s -B "$UP_IP" -p 5201 >"$RUN_DIR/iperf3-server.log" 2>&1 &
+    PIDS+=($!)
+    ports+=(5201)
+  fi
   local p
-  for p in 443 80 7000 5201; do
+  for p in "${ports[@]}"; do
     wait_listen "$NS_S" "$p" || die "upstreams did not come up (see $RUN_DIR)"
   done
 }
@@ -694,9 +708,10 @@ main() {
     --meta run_id="$RUN_ID" background_busy_before="$bg0" background_busy_after="$bg1" \
     bulk_bytes="$BULK_BYTES" bulk_flows="$BULK_FLOWS" churn_secs="$CHURN_SECS" \
     churn_conc="$CHURN_CONC" idle_flows="$IDLE_FLOWS" hello="$(basename "$HELLO")" \
-    envoy="$("$ENVOY" --version | grep -o '[0-9]*\.[0-9]*\.[0-9]*/Clean' | cut -d/ -f1)" \
-    haproxy="$(haproxy -v | head -1 | awk '{print $3}')" \
-    nginx="$(nginx -v 2>&1 | cut -d/ -f2)" iperf3="$(iperf3 --version | head -1 | awk '{print $2}')" \
+    envoy="$([ -z "$ENVOY" ] || "$ENVOY" --version | grep -o '[0-9]*\.[0-9]*\.[0-9]*/Clean' | cut -d/ -f1)" \
+    haproxy="$(! command -v haproxy >/dev/null || haproxy -v | head -1 | awk '{print $3}')" \
+    nginx="$(! command -v nginx >/dev/null || nginx -v 2>&1 | cut -d/ -f2)" \
+    iperf3="$(! command -v iperf3 >/dev/null || iperf3 --version | head -1 | awk '{print $2}')" \
     portcullis_commit="$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)" \
     portcullis_dirty="$(git -C "$ROOT" status --porcelain -- src Cargo.toml Cargo.lock 2>/dev/null | wc -l)" \
     kernel="$(uname -r)" cpus="$(nproc)" \

@@ -19,8 +19,10 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 scripts/install-test-deps.sh
-cargo build --release --quiet
-BIN=$PWD/target/release/portcullis
+echo "== building portcullis (cargo build --release; the first build compiles every"
+echo "   dependency and takes a few minutes on a small machine, later ones seconds)"
+cargo build --release
+BIN=${CARGO_TARGET_DIR:-$PWD/target}/release/portcullis
 CONFIG=$PWD/config.toml
 
 N="pcd$$"
@@ -28,32 +30,59 @@ POD="${N}p"
 INET="${N}i"
 WORK=$(mktemp -d /tmp/portcullis-demo.XXXXXX)
 chmod 755 "$WORK"
+# Pids of what we start in the background. Background commands are started as
+# "${IN_POD[@]}" cmd & (never through a shell function, whose `$!` would be the
+# subshell's pid, not the process's): `ip netns exec` and `setpriv` exec, so
+# `$!` is the real process.
 PIDS=()
+CLEANED=""
 
 cleanup() {
-  for p in "${PIDS[@]:-}"; do
-    [ -n "$p" ] && kill "$p" 2>/dev/null || true
+  [ -n "$CLEANED" ] && return
+  CLEANED=1
+  set +e
+  local p ns _
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null; done
+  # Anything else still inside the namespaces was started by this script (they are
+  # its own): end it too, by pid.
+  for ns in "$POD" "$INET"; do
+    [ -e "/run/netns/$ns" ] || continue
+    for p in $(ip netns pids "$ns" 2>/dev/null); do kill "$p" 2>/dev/null; done
   done
-  sleep 0.2
-  ip netns del "$POD" 2>/dev/null || true
-  ip netns del "$INET" 2>/dev/null || true
+  for _ in $(seq 50); do
+    local alive=""
+    for p in "${PIDS[@]}"; do kill -0 "$p" 2>/dev/null && alive=1; done
+    for ns in "$POD" "$INET"; do
+      [ -e "/run/netns/$ns" ] && [ -n "$(ip netns pids "$ns" 2>/dev/null)" ] && alive=1
+    done
+    [ -z "$alive" ] && break
+    sleep 0.1
+  done
+  for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null; done
+  for ns in "$POD" "$INET"; do
+    [ -e "/run/netns/$ns" ] || continue
+    for p in $(ip netns pids "$ns" 2>/dev/null); do kill -9 "$p" 2>/dev/null; done
+    ip netns del "$ns" 2>/dev/null
+  done
   rm -rf "/etc/netns/$POD" "/etc/netns/$INET" "$WORK"
 }
 trap cleanup EXIT
+trap 'echo; echo "== interrupted: cleaning up"; exit 130' INT
+trap 'exit 143' TERM
 
-in_pod() { ip netns exec "$POD" "$@"; }
-in_inet() { ip netns exec "$INET" "$@"; }
+IN_POD=(ip netns exec "$POD")
+IN_INET=(ip netns exec "$INET")
+in_pod() { "${IN_POD[@]}" "$@"; }
+in_inet() { "${IN_INET[@]}" "$@"; }
 
 echo "== building a world: namespaces $POD (workload) and $INET (internet)"
 ip netns add "$POD"
 ip netns add "$INET"
-ip link add "${N}a" type veth peer name "${N}b"
-ip link set "${N}a" netns "$POD"
-ip link set "${N}b" netns "$INET"
+# The veth pair is made across the two namespaces directly: this machine's own
+# namespace never holds it, even for a moment.
+ip -n "$POD" link add eth0 type veth peer name eth0 netns "$INET"
 in_pod ip link set lo up
 in_inet ip link set lo up
-in_pod ip link set "${N}a" name eth0
-in_inet ip link set "${N}b" name eth0
 in_pod ip addr add 192.0.2.2/24 dev eth0
 in_pod ip addr add 2001:db8::2/64 dev eth0 nodad
 in_inet ip addr add 192.0.2.1/24 dev eth0
@@ -83,7 +112,7 @@ echo "nameserver 192.0.2.53" >"/etc/netns/$POD/resolv.conf"
 openssl req -x509 -newkey rsa:2048 -nodes -days 1 -subj /CN=demo \
   -keyout "$WORK/key.pem" -out "$WORK/cert.pem" \
   -addext "subjectAltName=DNS:api.example.com,DNS:*.files.example.com,DNS:other.example.net" 2>/dev/null
-in_inet python3 -u tests/upstreams.py --cert "$WORK/cert.pem" --key "$WORK/key.pem" >"$WORK/upstreams.log" 2>&1 &
+"${IN_INET[@]}" python3 -u tests/upstreams.py --cert "$WORK/cert.pem" --key "$WORK/key.pem" >"$WORK/upstreams.log" 2>&1 &
 PIDS+=($!)
 for _ in $(seq 100); do grep -q READY "$WORK/upstreams.log" && break; sleep 0.05; done
 
@@ -95,7 +124,7 @@ in_pod "$BIN" init -c "$CONFIG"
 in_pod iptables -t nat -S PORTCULLIS_OUTPUT | sed 's/^/   /'
 
 echo "== portcullis run (in the pod, as uid 1337)"
-in_pod setpriv --reuid 1337 --regid 1337 --clear-groups \
+"${IN_POD[@]}" setpriv --reuid 1337 --regid 1337 --clear-groups \
   "$BIN" run -c "$CONFIG" >"$WORK/access.log" 2>"$WORK/proxy.log" &
 PIDS+=($!)
 in_pod "$BIN" wait --url http://127.0.0.1:15021/ready --timeout 10s
@@ -130,4 +159,11 @@ if [ "${KEEP:-0}" = 1 ]; then
   read -r _
 fi
 in_pod "$BIN" init -c "$CONFIG" --cleanup
-echo "== done: rules removed, namespaces deleted"
+cleanup
+left=""
+for p in "${PIDS[@]}"; do kill -0 "$p" 2>/dev/null && left="$left $p"; done
+if [ -n "$left" ] || [ -e "/run/netns/$POD" ] || [ -e "/run/netns/$INET" ]; then
+  echo "== cleanup incomplete: still running:$left" >&2
+  exit 1
+fi
+echo "== done: rules removed, proxy and upstreams stopped, namespaces deleted"

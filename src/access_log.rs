@@ -12,7 +12,7 @@ use std::net::SocketAddr;
 use std::os::fd::AsFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -38,11 +38,17 @@ pub struct FlowRecord {
     pub bytes_up: u64,
     pub bytes_down: u64,
     pub duration_ms: u64,
+    /// How an allowed flow ended badly (README, "Access log"); null when it did not.
     pub error: Option<String>,
     /// `transparent` (redirected) or `explicit` (CONNECT / absolute-form).
     pub mode: &'static str,
     /// Explicit proxy: the `host:port` the client asked for.
     pub authority: Option<String>,
+    /// `"client"`: the client closed with an RST after both sides had sent data, which is how
+    /// curl and browsers end a TLS connection whose last bytes (session tickets, close_notify)
+    /// they did not read: not a failure, so `error` stays null. Absent otherwise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reset_by: Option<&'static str>,
 }
 
 /// Queue capacity: enough for bursts of short flows while the reader is slow
@@ -54,7 +60,8 @@ const BATCH: usize = 64 * 1024;
 
 enum Msg {
     Line(String),
-    /// Reopen a file target (after logrotate moved it away).
+    /// Wakes the writer to look at the reopen flag (it may not fit in a full queue: the flag
+    /// is what counts, and the writer checks it after every batch anyway).
     Reopen,
 }
 
@@ -72,6 +79,8 @@ pub struct AccessLogger {
     /// Lines accepted into the queue.
     queued: Arc<AtomicU64>,
     done: Arc<Done>,
+    /// A reopen was asked for (SIGHUP): set by [`AccessLogger::reopen`], taken by the writer.
+    reopen: Arc<AtomicBool>,
 }
 
 /// Where the writer thread writes.
@@ -141,24 +150,27 @@ impl Sink {
     }
 }
 
-fn writer(mut sink: Sink, rx: Receiver<Msg>, dropped: Counter, done: Arc<Done>) {
+fn writer(
+    mut sink: Sink,
+    rx: Receiver<Msg>,
+    dropped: Counter,
+    done: Arc<Done>,
+    reopen_asked: Arc<AtomicBool>,
+) {
     let mut buf = Vec::with_capacity(BATCH + 4096);
     let mut last_warn: Option<Instant> = None;
     let mut failed_since_warn = 0u64;
     while let Ok(first) = rx.recv() {
         let mut lines = 0u64;
-        let mut reopen = false;
         let mut next = Some(first);
-        // Gather whatever else is queued into one write.
+        // Gather whatever else is queued into one write; a reopen asked for meanwhile ends
+        // the batch, so lines logged after the SIGHUP go to the new file.
         while let Some(m) = next.take() {
-            match m {
-                Msg::Line(l) => {
-                    buf.extend_from_slice(l.as_bytes());
-                    lines += 1;
-                }
-                Msg::Reopen => reopen = true,
+            if let Msg::Line(l) = m {
+                buf.extend_from_slice(l.as_bytes());
+                lines += 1;
             }
-            if buf.len() < BATCH && !reopen {
+            if buf.len() < BATCH && !reopen_asked.load(Ordering::Acquire) {
                 next = rx.try_recv().ok();
             }
         }
@@ -174,7 +186,7 @@ fn writer(mut sink: Sink, rx: Receiver<Msg>, dropped: Counter, done: Arc<Done>) 
             }
             buf.clear();
         }
-        if reopen {
+        if reopen_asked.swap(false, Ordering::AcqRel) {
             sink.reopen();
         }
         if let Ok(mut d) = done.lines.lock() {
@@ -195,6 +207,7 @@ impl AccessLogger {
                     dropped,
                     queued: Default::default(),
                     done: Default::default(),
+                    reopen: Default::default(),
                 })
             }
             // Our own descriptor for stdout: writes go straight to it, with
@@ -227,15 +240,17 @@ impl AccessLogger {
     fn start(sink: Sink, capacity: usize, dropped: Counter) -> std::io::Result<AccessLogger> {
         let (tx, rx) = sync_channel::<Msg>(capacity);
         let done = Arc::new(Done::default());
-        let (d, c) = (dropped.clone(), done.clone());
+        let reopen = Arc::new(AtomicBool::new(false));
+        let (d, c, r) = (dropped.clone(), done.clone(), reopen.clone());
         std::thread::Builder::new()
             .name("access-log".into())
-            .spawn(move || writer(sink, rx, d, c))?;
+            .spawn(move || writer(sink, rx, d, c, r))?;
         Ok(AccessLogger {
             tx: Some(tx),
             dropped,
             queued: Default::default(),
             done,
+            reopen,
         })
     }
 
@@ -263,9 +278,12 @@ impl AccessLogger {
         }
     }
 
-    /// Asks the writer to reopen a file target (SIGHUP, after logrotate).
+    /// Asks the writer to reopen a file target (SIGHUP, after logrotate). Never blocks and is
+    /// never lost: the request is a flag the writer takes after its current batch; the queued
+    /// message only wakes an idle writer (a full queue means the writer is busy anyway).
     pub fn reopen(&self) {
         if let Some(tx) = &self.tx {
+            self.reopen.store(true, Ordering::Release);
             let _ = tx.try_send(Msg::Reopen);
         }
     }
@@ -348,6 +366,7 @@ mod tests {
             error: None,
             mode: "transparent",
             authority: None,
+            reset_by: None,
         }
     }
 
@@ -489,6 +508,61 @@ mod tests {
             new.contains("\"bytes_up\":2") && !new.contains("\"bytes_up\":1"),
             "{new}"
         );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// SIGHUP after logrotate while the reader is slow and the queue full: the reopen is not
+    /// lost, and lines logged after it go to the new file.
+    #[test]
+    fn a_reopen_asked_for_while_the_queue_is_full_is_not_lost() {
+        use std::io::Read;
+        let dir = std::env::temp_dir().join(format!("pc-reopen-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("access.log");
+        // A FIFO whose reader does not read yet: the writer blocks once the pipe is full.
+        nix::unistd::mkfifo(&path, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let mut reader = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&path)
+            .unwrap();
+        let dropped = Counter::default();
+        let sink = Sink::File {
+            path: path.clone(),
+            file: open_now(&path).unwrap(),
+        };
+        let log = AccessLogger::start(sink, 4, dropped.clone()).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut i = 0;
+        while dropped.get() == 0 {
+            assert!(Instant::now() < deadline, "the queue never filled");
+            log.log(&record(i));
+            i += 1;
+        }
+        // logrotate: move the file away, then SIGHUP (the queue is full now).
+        std::fs::rename(&path, dir.join("access.log.1")).unwrap();
+        log.reopen();
+        // The old file's reader catches up: the writer drains the queue, then reopens.
+        let drain = std::thread::spawn(move || {
+            let mut buf = vec![0u8; 1 << 16];
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                match reader.read(&mut buf) {
+                    Ok(0) => return, // the writer closed the old file: it reopened
+                    Ok(_) => {}
+                    Err(_) => std::thread::sleep(Duration::from_millis(1)),
+                }
+            }
+            panic!("the writer never closed the old file");
+        });
+        drain.join().unwrap();
+        let mut after = record(0);
+        after.name = Some("after.reopen.example".into());
+        log.log(&after);
+        assert!(log.flush(Duration::from_secs(10)));
+        let new = std::fs::read_to_string(&path).unwrap_or_default();
+        assert!(new.contains("after.reopen.example"), "new file: {new:?}");
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

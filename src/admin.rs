@@ -484,6 +484,7 @@ mod tests {
             error: None,
             mode: "transparent",
             authority: None,
+            reset_by: None,
         }
     }
 

@@ -67,7 +67,7 @@ pub fn summary(cfg: &Config) -> String {
             .map(|p| format!("{}/{}", p.number, p.protocol.as_str()))
             .collect();
         let mut line = format!(
-            "  {} ({}): {} on {}, resolution {:?}",
+            "  {} ({}): {} on {}, resolution {}",
             e.name,
             e.origin(&cfg.path),
             if hosts.is_empty() {
@@ -76,19 +76,13 @@ pub fn summary(cfg: &Config) -> String {
                 hosts.join(", ")
             },
             ports.join(", "),
-            e.resolution
+            resolution_str(&e.resolution)
         );
         if !e.addresses.is_empty() {
             let a: Vec<String> = e.addresses.iter().map(|c| c.to_string()).collect();
             let _ = write!(line, ", addresses {}", a.join(", "));
         }
-        let _ = writeln!(
-            out,
-            "{}",
-            line.replace("Dns", "DNS")
-                .replace("None", "NONE")
-                .replace("Static", "STATIC")
-        );
+        let _ = writeln!(out, "{line}");
     }
     for w in &cfg.warnings {
         let _ = writeln!(out, "warning: {w}");
@@ -297,6 +291,15 @@ pub fn explain(cfg: Arc<Config>, dst: SocketAddr, sni: Option<&str>, host: Optio
         }
     }
     out
+}
+
+/// The resolution as the config file spells it.
+fn resolution_str(r: &crate::config::Resolution) -> &'static str {
+    match r {
+        crate::config::Resolution::Dns => "DNS",
+        crate::config::Resolution::None => "NONE",
+        crate::config::Resolution::Static => "STATIC",
+    }
 }
 
 #[cfg(test)]

@@ -83,7 +83,7 @@ pub fn fingerprint(path: &Path) -> Option<Fingerprint> {
 /// Everything a reload reads: the config file and each file its `include`
 /// patterns match now (patterns read leniently, so an invalid config file
 /// still has its includes watched).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct WatchState {
     config: Option<Fingerprint>,
     included: Vec<(PathBuf, Option<Fingerprint>)>,
@@ -101,6 +101,16 @@ pub fn watch_state(path: &Path) -> WatchState {
         }
     }
     WatchState { config, included }
+}
+
+/// [`watch_state`] off the runtime's workers: it reads the config file for its
+/// `include` patterns, and a read may block (a FIFO, a hung network
+/// filesystem), which on a worker would stall every flow and signal.
+async fn watch_state_blocking(path: &Path) -> WatchState {
+    let p = path.to_path_buf();
+    tokio::task::spawn_blocking(move || watch_state(&p))
+        .await
+        .unwrap_or_default()
 }
 
 const POLL: Duration = Duration::from_secs(1);
@@ -124,34 +134,47 @@ pub fn spawn_watcher(
             let why = tokio::select! {
                 t = rx.recv() => match t {
                     None => return,
-                    Some(Trigger::Signal) => {
-                        // SIGHUP also reopens a file access log (logrotate).
-                        shared.access_log.reopen();
-                        "SIGHUP"
-                    }
+                    Some(Trigger::Signal) => "SIGHUP",
                     Some(Trigger::FileChanged) => "file changed",
                 },
                 _ = tick.tick() => {
-                    let now = watch_state(&path);
+                    let now = watch_state_blocking(&path).await;
                     if now.config.is_none() || now == last {
                         continue;
                     }
                     tokio::time::sleep(SETTLE).await;
-                    if watch_state(&path) != now {
+                    if watch_state_blocking(&path).await != now {
                         continue; // still being written: look again next tick
                     }
                     "file changed"
                 }
             };
             // Taken before reading: a change made after it is seen next tick.
-            let now = watch_state(&path);
+            let now = watch_state_blocking(&path).await;
             if now.config.is_some() {
                 last = now;
             }
-            reload(&shared, &path, why);
+            // Reading the file may block (a FIFO, a hung network filesystem): never on a
+            // runtime worker, where it could stall the I/O driver and with it every flow and
+            // signal.
+            let (s, p) = (shared.clone(), path.clone());
+            if let Err(e) = tokio::task::spawn_blocking(move || reload(&s, &p, why)).await {
+                tracing::error!(error = %e, "reload task failed");
+            }
         }
     });
     tx
+}
+
+/// What SIGHUP does, from the signal loop, which must never wait (SIGTERM must always be
+/// seen): reopen a file access log (logrotate), and queue a reload unless one is queued
+/// already. A reload still in the queue reads the file when it runs, so nothing is lost by
+/// not queueing a second one.
+pub fn sighup(shared: &Shared, reloads: &mpsc::Sender<Trigger>) {
+    shared.access_log.reopen();
+    if let Err(mpsc::error::TrySendError::Full(_)) = reloads.try_send(Trigger::Signal) {
+        tracing::info!("SIGHUP: a reload is already queued");
+    }
 }
 
 /// The outcome of comparing a new file with the running config, pure.

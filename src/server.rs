@@ -78,9 +78,7 @@ pub async fn run(path: &Path) -> Result<(), RunError> {
         tokio::select! {
             _ = signals.term.recv() => break "SIGTERM",
             _ = signals.int.recv() => break "SIGINT",
-            _ = signals.hup.recv() => {
-                let _ = reloads.send(crate::reload::Trigger::Signal).await;
-            }
+            _ = signals.hup.recv() => crate::reload::sighup(&shared, &reloads),
         }
     };
     drain(&shared, why, &mut signals, &reloads).await;
@@ -134,9 +132,7 @@ async fn drain(
             _ = signals.term.recv() => {
                 tracing::info!("SIGTERM again: already draining");
             }
-            _ = signals.hup.recv() => {
-                let _ = reloads.send(crate::reload::Trigger::Signal).await;
-            }
+            _ = signals.hup.recv() => crate::reload::sighup(shared, reloads),
         }
     }
     if active() > 0 {

@@ -32,6 +32,16 @@ fn check_valid_example() {
 }
 
 #[test]
+fn check_prints_entry_names_as_written() {
+    let (code, out, err) = portcullis(&["check", "-c", "tests/fixtures/valid/entry_names.toml"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("  NoneSuch-Dns (line 3): "), "{out}");
+    assert!(out.contains("resolution DNS"), "{out}");
+    assert!(out.contains("  Static-None (line 9): "), "{out}");
+    assert!(out.contains("resolution NONE"), "{out}");
+}
+
+#[test]
 fn check_warns_on_trusting_the_client() {
     let (code, out, _) = portcullis(&["check", "-c", "tests/fixtures/valid/trust_client.toml"]);
     assert_eq!(code, 0);

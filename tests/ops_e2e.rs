@@ -231,6 +231,32 @@ fn echo(s: &mut TcpStream, n: usize) {
 }
 
 /// Reads until EOF or reset (true), or false if the peer stays open for `t`.
+/// How `s` ends within `t`: None if still open, `Ok(())` for a FIN, else the error kind.
+fn end_within(s: &mut TcpStream, t: Duration) -> Option<Result<(), io::ErrorKind>> {
+    let deadline = Instant::now() + t;
+    let mut buf = [0u8; 4096];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return None;
+        }
+        s.set_read_timeout(Some(left)).unwrap();
+        match s.read(&mut buf) {
+            Ok(0) => return Some(Ok(())),
+            Ok(_) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                return None
+            }
+            Err(e) => return Some(Err(e.kind())),
+        }
+    }
+}
+
 fn closed_within(s: &mut TcpStream, t: Duration) -> bool {
     let deadline = Instant::now() + t;
     let mut buf = [0u8; 4096];
@@ -1355,9 +1381,11 @@ fn revoke_on_reload_closes_flows_of_removed_entries_after_drain_timeout() {
         reset_or_closed(&ops.world, sa(addr::OTHER_V4, port::ECHO)),
         "new flows to backend are denied"
     );
-    assert!(
-        closed_within(&mut a, Duration::from_secs(10)),
-        "revoked flow still open"
+    // Reset, not closed with FIN: a FIN would tell the client the stream ended.
+    assert_eq!(
+        end_within(&mut a, Duration::from_secs(10)),
+        Some(Err(io::ErrorKind::ConnectionReset)),
+        "revoked flow still open, or closed with FIN"
     );
     let l = ops.log_find("of the revoked flow", |l| {
         l["entry"] == "backend" && l["decision"] == "allow"
@@ -1381,6 +1409,46 @@ fn revoke_on_reload_closes_flows_of_removed_entries_after_drain_timeout() {
 }
 
 // ------------------------------------------------------------ shutdown
+
+/// Issue 16 point 4: the signal loop never waits on the reload queue. Reloads are stuck (the
+/// config path is a FIFO nobody writes: reading it blocks), SIGHUPs keep coming until the queue
+/// is full, and SIGTERM must still start the drain at once.
+#[test]
+fn sigterm_is_seen_while_reloads_are_stuck_and_their_queue_is_full() {
+    use std::os::unix::ffi::OsStrExt;
+    let text = config("", "", "");
+    let mut ops = Ops::start(&text);
+    let fifo = ops.cfg.with_extension("fifo");
+    let c = std::ffi::CString::new(fifo.as_os_str().as_bytes()).unwrap();
+    // SAFETY: mkfifo with a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
+    set_mode(&fifo, 0o644);
+    let link = ops.cfg.with_extension("link");
+    std::fs::hard_link(&fifo, &link).unwrap();
+    std::fs::rename(&link, &ops.cfg).unwrap();
+    // The file watcher sees the change within a second or so and blocks reading the FIFO.
+    std::thread::sleep(Duration::from_millis(1600));
+    for _ in 0..20 {
+        assert!(ops.proxy.signal(libc::SIGHUP));
+        std::thread::sleep(Duration::from_millis(40));
+    }
+    assert!(ops.proxy.signal(libc::SIGTERM));
+    let seen = ops.proxy.wait_output("draining", Duration::from_secs(3));
+    // Unblock the stuck reload (a regular file first, so the queued reloads do not block
+    // again), then let the proxy finish.
+    let tmp = ops.cfg.with_extension("tmp");
+    std::fs::write(&tmp, &text).unwrap();
+    set_mode(&tmp, 0o644);
+    std::fs::rename(&tmp, &ops.cfg).unwrap();
+    std::fs::write(&fifo, &text).unwrap();
+    let status = ops.proxy.wait_timeout(Duration::from_secs(10));
+    assert!(seen, "SIGTERM not seen\n{}", ops.proxy.logs(3000));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "{status:?}\n{}",
+        ops.proxy.logs(3000)
+    );
+}
 
 #[test]
 fn sigterm_drains_serving_old_and_new_flows_then_exits_zero() {

@@ -204,6 +204,7 @@ impl XFlow {
                 error: None,
                 mode: "explicit",
                 authority,
+                reset_by: None,
             },
             counted: false,
         }
@@ -626,7 +627,7 @@ async fn connect(
             flow.decided(shared, reg, &v);
             let up = match shared
                 .dialer
-                .connect(&addrs, gen.config().proxy.connect_timeout)
+                .connect(&addrs, gen.config().proxy.connect_timeout, 0)
                 .await
             {
                 Ok(c) => c,
@@ -829,7 +830,7 @@ async fn tunnel_detect(
     flow.decided(shared, reg, &v);
     let up = match shared
         .dialer
-        .connect(&addrs, gen.config().proxy.connect_timeout)
+        .connect(&addrs, gen.config().proxy.connect_timeout, 0)
         .await
     {
         Ok(c) => c,

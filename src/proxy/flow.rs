@@ -2,6 +2,7 @@
 //! decision, upstream, relay, and the one access-log line at its end.
 
 use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
@@ -15,7 +16,7 @@ use crate::detect::{Detector, Protocol, Step};
 use crate::metrics::ConnLabels;
 use crate::net::{canonical_addr, OrigDst};
 use crate::proxy::deny;
-use crate::proxy::upstream::ConnectError;
+use crate::proxy::upstream::{ConnectError, Hop, LOOP_HOPS};
 use crate::proxy::{Generation, Shared};
 use crate::registry::{Decision, DetectPlan, FlowFacts, FlowProtocol, Reason, Registry, Verdict};
 use crate::relay::{Counters, Direction, RelayEnd};
@@ -48,6 +49,8 @@ struct Flow {
     started: Instant,
     rec: FlowRecord,
     counted: bool,
+    /// The loop guard's hop count (see `OwnSockets`); the upstream socket inherits it.
+    hop: Hop,
 }
 
 impl Flow {
@@ -71,8 +74,10 @@ impl Flow {
                 error: None,
                 mode: "transparent",
                 authority: None,
+                reset_by: None,
             },
             counted: false,
+            hop: 0,
         }
     }
 
@@ -150,7 +155,13 @@ pub async fn handle(shared: Arc<Shared>, client: TcpStream, peer: SocketAddr, lo
         }
     };
     flow.rec.dst = Some(dst.0);
-    if shared.dialer.own.is_loop(peer, dst.0) {
+    flow.hop = shared.dialer.own.hop(peer, dst.0, Instant::now());
+    if flow.hop == 1 {
+        // One pass through the proxy from its own socket's address: a loop, or a client NAT
+        // moved onto that port. Let it through; a loop comes back once more and is reset then.
+        tracing::debug!(%peer, dst = %dst.0, "flow from the address of an upstream socket of ours");
+    }
+    if flow.hop >= LOOP_HOPS {
         let v = Registry::loop_verdict();
         flow.decided(&shared, reg, &v);
         deny::reset(client);
@@ -247,7 +258,7 @@ async fn connect_first(
     let addrs = vec![dst.0];
     let up = match shared
         .dialer
-        .connect(&addrs, gen.config().proxy.connect_timeout)
+        .connect(&addrs, gen.config().proxy.connect_timeout, flow.hop)
         .await
     {
         Ok(c) => c,
@@ -503,6 +514,7 @@ async fn connect_and_relay(
         .connect(
             &addrs,
             deadline.saturating_duration_since(tokio::time::Instant::now()),
+            flow.hop,
         )
         .await
     {
@@ -566,7 +578,19 @@ async fn write_and_relay(
         }
     };
     // Closed from outside: revoke_on_reload (a reload removed the entry) or
-    // the end of a drain (see reload::closed).
+    // the end of a drain (see reload::closed). Both sides are reset, not
+    // closed with FIN: a FIN would tell the client that a cut stream ended.
+    let fds = (client.as_raw_fd(), upstream.as_raw_fd());
+    let closed = async {
+        let why = crate::reload::closed(shared, entry).await;
+        for fd in [fds.0, fds.1] {
+            // Both sockets are owned by the relay future of the select! below, which
+            // is alive (not yet dropped) while this branch is polled; dropping it
+            // afterwards closes them, now with an RST.
+            crate::sys::reset_on_close(fd);
+        }
+        why
+    };
     let end = tokio::select! {
         // Built in place: a relay future held in a local and moved into
         // select! would take its size twice in every flow.
@@ -579,13 +603,19 @@ async fn write_and_relay(
             gen.config().proxy.idle_timeout,
             on_bytes,
         ) => end,
-        why = crate::reload::closed(shared, entry) => {
+        why = closed => {
             flow.rec.error = Some(why.to_string());
             return;
         }
     };
-    if !matches!(end, RelayEnd::Done) {
-        flow.rec.error = Some(end.to_string());
+    match end {
+        RelayEnd::Done => {}
+        // Both sides had their say and the client ended with an RST (curl, browsers after
+        // TLS): the exchange is over, not failed.
+        RelayEnd::ClientReset if counters.up() > 0 && counters.down() > 0 => {
+            flow.rec.reset_by = Some("client");
+        }
+        end => flow.rec.error = Some(end.to_string()),
     }
 }
 

@@ -443,6 +443,7 @@ fn overload(shared: &Shared, stream: tokio::net::TcpStream, peer: SocketAddr) {
         )),
         mode: "transparent",
         authority: None,
+        reset_by: None,
     });
 }
 

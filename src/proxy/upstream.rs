@@ -5,9 +5,9 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 use tokio::net::TcpStream;
@@ -18,33 +18,101 @@ use crate::registry::{Registry, Upstream, Verdict};
 
 pub use super::resolve::{Resolved, Resolver, Scope};
 
-/// The local addresses of the proxy's own upstream sockets, with where each
-/// one is going: a flow arriving from such an address to that destination is
-/// our own connection redirected back to us (docs/DESIGN.md §3 step 1). Registered
-/// right after connect(2) starts (the kernel has chosen the source address
-/// and port by then), before the handshake can complete and be accepted.
+/// How many times in a row a flow has come from one of the proxy's own upstream sockets that
+/// was still inside its connect window (0: an ordinary client).
+pub type Hop = u8;
+
+/// A flow whose hop count reaches this is a loop and is reset (docs/DESIGN.md §3 step 1): a real loop
+/// is stopped at its second pass through the proxy.
+pub const LOOP_HOPS: Hop = 2;
+
+/// How long after its connect completed an upstream socket still counts for the loop guard.
+/// A real loop comes back within the upstream's own handshake (the proxy connects to itself),
+/// so only the accept queue and the scheduler stand between the two; a client that NAT
+/// remapped onto the port of an older upstream socket is not counted at all.
+pub const LOOP_WINDOW: Duration = Duration::from_secs(1);
+
+/// One upstream socket as the loop guard knows it.
+struct Own {
+    /// Its local IP, once connect(2) has chosen it.
+    ip: Option<IpAddr>,
+    dst: SocketAddr,
+    /// The hop count of the flow it belongs to.
+    hop: Hop,
+    /// When its connect completed (None while connecting).
+    connected: Option<Instant>,
+}
+
+/// The proxy's own upstream sockets, by local port, with where each one is going: a flow
+/// arriving from such an address to that destination may be our own connection redirected
+/// back to us (docs/DESIGN.md §3 step 1). A port is registered right after bind(2) (an explicit
+/// `bind(0)` keeps it exclusive), before connect(2) sends the SYN, so a loop can never be
+/// accepted before its upstream socket is known.
+///
+/// A single address match is not proof of a loop: in a pod the workload shares the proxy's
+/// address, and NAT may move a client's source port onto a live upstream socket's port (see
+/// README, "The loop guard"). So a match counts only while the socket is inside its connect
+/// window, and a flow is reset only at the second counted match in a row ([`LOOP_HOPS`]).
 #[derive(Default)]
 pub struct OwnSockets {
-    by_local: Mutex<HashMap<SocketAddr, SocketAddr>>,
+    by_port: Mutex<HashMap<u16, Own>>,
 }
 
 impl OwnSockets {
-    fn insert(&self, local: SocketAddr, dst: SocketAddr) {
-        if let Ok(mut m) = self.by_local.lock() {
-            m.insert(local, dst);
+    fn insert(&self, port: u16, dst: SocketAddr, hop: Hop) {
+        if let Ok(mut m) = self.by_port.lock() {
+            m.insert(
+                port,
+                Own {
+                    ip: None,
+                    dst,
+                    hop,
+                    connected: None,
+                },
+            );
         }
     }
-    fn remove(&self, local: SocketAddr) {
-        if let Ok(mut m) = self.by_local.lock() {
-            m.remove(&local);
+    fn set_ip(&self, port: u16, ip: IpAddr) {
+        if let Ok(mut m) = self.by_port.lock() {
+            if let Some(o) = m.get_mut(&port) {
+                o.ip = Some(canonical_ip(ip));
+            }
         }
     }
-    pub fn is_loop(&self, peer: SocketAddr, dst: SocketAddr) -> bool {
+    fn connected(&self, port: u16, at: Instant) {
+        if let Ok(mut m) = self.by_port.lock() {
+            if let Some(o) = m.get_mut(&port) {
+                o.connected = Some(at);
+            }
+        }
+    }
+    fn remove(&self, port: u16) {
+        if let Ok(mut m) = self.by_port.lock() {
+            m.remove(&port);
+        }
+    }
+
+    /// The hop count of a flow from `peer` to `dst` accepted at `now`: one more than the
+    /// matching upstream socket's flow if `peer` and `dst` are exactly one of our upstream
+    /// sockets' local address and destination and that socket is still connecting or
+    /// connected less than [`LOOP_WINDOW`] ago; else 0. [`LOOP_HOPS`] or more: a loop.
+    pub fn hop(&self, peer: SocketAddr, dst: SocketAddr, now: Instant) -> Hop {
         let peer = crate::net::canonical_addr(peer);
-        self.by_local
-            .lock()
-            .map(|m| m.get(&peer) == Some(&dst))
-            .unwrap_or(false)
+        let dst = crate::net::canonical_addr(dst);
+        let Ok(m) = self.by_port.lock() else {
+            return 0;
+        };
+        match m.get(&peer.port()) {
+            Some(o)
+                if o.dst == dst
+                    && o.ip.is_none_or(|ip| ip == peer.ip())
+                    && o.connected
+                        .is_none_or(|t| now.saturating_duration_since(t) < LOOP_WINDOW) =>
+            {
+                o.hop.saturating_add(1)
+            }
+            _ => 0,
+        }
     }
 }
 
@@ -178,11 +246,13 @@ impl Dialer {
         }
     }
 
-    /// Tries `addrs` in turn; `timeout` bounds all attempts together.
+    /// Tries `addrs` in turn; `timeout` bounds all attempts together. `hop` is the hop count
+    /// of the flow the connection is for (the loop guard's, see [`OwnSockets`]).
     pub async fn connect(
         &self,
         addrs: &[SocketAddr],
         timeout: Duration,
+        hop: Hop,
     ) -> Result<Connected<'_>, ConnectError> {
         let deadline = tokio::time::Instant::now() + timeout;
         let mut last = ConnectError::Timeout;
@@ -194,7 +264,7 @@ impl Dialer {
             // Leave the later candidates a share of the time.
             let left = deadline - now;
             let share = if i + 1 < addrs.len() { left / 2 } else { left };
-            match self.connect_one(*addr, share).await {
+            match self.connect_one(*addr, share, hop).await {
                 Ok(c) => return Ok(c),
                 Err(e) => {
                     tracing::debug!(upstream = %addr, error = %e, "connect failed");
@@ -205,7 +275,12 @@ impl Dialer {
         Err(last)
     }
 
-    async fn connect_one(&self, addr: SocketAddr, timeout: Duration) -> io::Result<Connected<'_>> {
+    async fn connect_one(
+        &self,
+        addr: SocketAddr,
+        timeout: Duration,
+        hop: Hop,
+    ) -> io::Result<Connected<'_>> {
         let sock = Socket::new(
             Domain::for_address(addr),
             Type::STREAM.nonblocking().cloexec(),
@@ -226,23 +301,27 @@ impl Dialer {
             "[::]:0".parse().expect("literal")
         };
         sock.bind(&SockAddr::from(any))?;
+        // Register the port for the loop guard before the SYN leaves: over loopback a
+        // redirected SYN can be answered and accepted before connect(2) even returns.
+        let port = sock
+            .local_addr()?
+            .as_socket()
+            .map(|a| a.port())
+            .ok_or_else(|| io::Error::other("upstream socket has no local address"))?;
+        self.own.insert(port, addr, hop);
+        let guard = PortGuard {
+            own: &self.own,
+            port: Some(port),
+        };
         match sock.connect(&SockAddr::from(addr)) {
             Ok(()) => {}
             Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
             Err(e) => return Err(e),
         }
-        // The SYN is on its way and the source address is chosen: register
-        // it for the loop guard before the handshake can complete.
-        let local = sock
-            .local_addr()?
-            .as_socket()
-            .map(crate::net::canonical_addr)
-            .ok_or_else(|| io::Error::other("upstream socket has no local address"))?;
-        self.own.insert(local, addr);
-        let guard = PortGuard {
-            own: &self.own,
-            local: Some(local),
-        };
+        // connect(2) has chosen the source address: the guard now compares all of it.
+        if let Some(local) = sock.local_addr()?.as_socket() {
+            self.own.set_ip(port, local.ip());
+        }
         let stream = TcpStream::from_std(std::net::TcpStream::from(sock))?;
         match tokio::time::timeout(timeout, stream.writable()).await {
             Ok(r) => r?,
@@ -254,6 +333,7 @@ impl Dialer {
         // Writable without an error can still mean "not connected" on some
         // paths; peer_addr says for sure.
         stream.peer_addr()?;
+        self.own.connected(port, Instant::now());
         Ok(Connected {
             stream,
             addr,
@@ -265,13 +345,13 @@ impl Dialer {
 /// Deregisters an upstream socket from the loop guard when dropped.
 pub struct PortGuard<'a> {
     own: &'a OwnSockets,
-    local: Option<SocketAddr>,
+    port: Option<u16>,
 }
 
 impl Drop for PortGuard<'_> {
     fn drop(&mut self) {
-        if let Some(l) = self.local {
-            self.own.remove(l);
+        if let Some(p) = self.port {
+            self.own.remove(p);
         }
     }
 }
@@ -291,17 +371,51 @@ mod tests {
     fn loop_guard_compares_the_whole_address() {
         let own = OwnSockets::default();
         let dst: SocketAddr = "192.0.2.10:7000".parse().unwrap();
-        own.insert("192.0.2.2:40000".parse().unwrap(), dst);
-        assert!(own.is_loop("192.0.2.2:40000".parse().unwrap(), dst));
-        assert!(own.is_loop("[::ffff:192.0.2.2]:40000".parse().unwrap(), dst));
+        let now = Instant::now();
+        own.insert(40000, dst, 0);
+        // Before connect(2) has chosen the local IP, the port and destination decide.
+        assert_eq!(own.hop("192.0.2.2:40000".parse().unwrap(), dst, now), 1);
+        own.set_ip(40000, "192.0.2.2".parse().unwrap());
+        assert_eq!(own.hop("192.0.2.2:40000".parse().unwrap(), dst, now), 1);
+        assert_eq!(
+            own.hop("[::ffff:192.0.2.2]:40000".parse().unwrap(), dst, now),
+            1
+        );
         // Same port from another host (gateway mode), or to another
         // destination: an ordinary client, not our own socket.
-        assert!(!own.is_loop("198.18.0.2:40000".parse().unwrap(), dst));
-        assert!(!own.is_loop(
-            "192.0.2.2:40000".parse().unwrap(),
-            "192.0.2.11:7000".parse().unwrap()
-        ));
-        own.remove("192.0.2.2:40000".parse().unwrap());
-        assert!(!own.is_loop("192.0.2.2:40000".parse().unwrap(), dst));
+        assert_eq!(own.hop("198.18.0.2:40000".parse().unwrap(), dst, now), 0);
+        assert_eq!(
+            own.hop(
+                "192.0.2.2:40000".parse().unwrap(),
+                "192.0.2.11:7000".parse().unwrap(),
+                now
+            ),
+            0
+        );
+        own.remove(40000);
+        assert_eq!(own.hop("192.0.2.2:40000".parse().unwrap(), dst, now), 0);
+    }
+
+    #[test]
+    fn loop_guard_counts_hops_inside_the_connect_window() {
+        let own = OwnSockets::default();
+        let dst: SocketAddr = "192.0.2.10:7000".parse().unwrap();
+        let peer: SocketAddr = "192.0.2.2:40000".parse().unwrap();
+        let t0 = Instant::now();
+        own.insert(40000, dst, 0);
+        own.set_ip(40000, peer.ip());
+        // Connecting, or connected within the window: the first match is hop 1 (let through).
+        assert_eq!(own.hop(peer, dst, t0), 1);
+        own.connected(40000, t0);
+        assert_eq!(own.hop(peer, dst, t0 + LOOP_WINDOW / 2), 1);
+        // An older connected socket: a client NAT remapped onto its port, not a loop.
+        assert_eq!(own.hop(peer, dst, t0 + LOOP_WINDOW), 0);
+        assert_eq!(own.hop(peer, dst, t0 + LOOP_WINDOW * 10), 0);
+        // The upstream of a hop-1 flow coming back again: the second hop, a loop.
+        own.insert(40001, dst, 1);
+        assert_eq!(
+            own.hop("192.0.2.2:40001".parse().unwrap(), dst, t0),
+            LOOP_HOPS
+        );
     }
 }

@@ -168,3 +168,38 @@ pub fn wait_udp_in(ns: &str, addr: SocketAddr, timeout: Duration) -> bool {
             .any(|b| covers(b, &addr) || addr.ip().is_unspecified() && b.port() == addr.port())
     })
 }
+
+/// A TCP socket of a namespace as /proc/net/tcp{,6} shows it: local and remote
+/// address as the socket itself sees them (NAT is invisible here) and its owner.
+#[derive(Clone, Copy, Debug)]
+pub struct TcpRow {
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+    pub uid: u32,
+}
+
+/// Every TCP socket inside `ns` (listeners included).
+pub fn tcp_sockets(ns: &str) -> Vec<TcpRow> {
+    in_ns(ns, || {
+        let mut out = Vec::new();
+        for file in ["tcp", "tcp6"] {
+            let Ok(text) = std::fs::read_to_string(format!("/proc/thread-self/net/{file}")) else {
+                continue;
+            };
+            for line in text.lines().skip(1) {
+                let cols: Vec<&str> = line.split_whitespace().collect();
+                if cols.len() < 8 {
+                    continue;
+                }
+                if let (Some(local), Some(remote), Ok(uid)) = (
+                    parse_proc_addr(cols[1]),
+                    parse_proc_addr(cols[2]),
+                    cols[7].parse(),
+                ) {
+                    out.push(TcpRow { local, remote, uid });
+                }
+            }
+        }
+        out
+    })
+}

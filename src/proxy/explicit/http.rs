@@ -297,7 +297,7 @@ impl Conn {
         let s = shared.clone();
         let timeout = gen.config().proxy.connect_timeout;
         tokio::spawn(async move {
-            let c = match s.dialer.connect(&addrs, timeout).await {
+            let c = match s.dialer.connect(&addrs, timeout, 0).await {
                 Ok(c) => c,
                 Err(e) => {
                     let _ = tx.send(Err(e));
