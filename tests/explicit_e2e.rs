@@ -702,6 +702,15 @@ fn check_requires_explicit_clients_for_a_non_loopback_listener() {
             .contains("explicit_listen: 0.0.0.0:3128 (clients: 10.0.0.0/8)"),
         "{out:?}"
     );
+    // `init` refuses such a file: its rules would redirect to a port nothing listens on.
+    let out = Cmd::new(portcullis_bin())
+        .args(["init", "-c", c, "--dry-run"])
+        .run();
+    assert!(!out.success(), "{out:?}");
+    assert!(
+        out.stderr.contains("[proxy] listen is empty") && out.stderr.lines().count() == 1,
+        "{out:?}"
+    );
     let explain = |args: &[&str]| {
         Cmd::new(portcullis_bin())
             .args(["explain", "-c", c])
@@ -917,6 +926,20 @@ fn explicit_reload_limits_and_drain() {
         authority_is(v, "api.example.com:7000") && v["error"].is_string()
     });
     assert_eq!(l["decision"], "allow");
+    // Cut, not ended: the client's tunnel is reset (RST), never closed with FIN.
+    let t = &mut open[0];
+    t.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut buf = [0u8; 64];
+    let got = loop {
+        match t.read(&mut buf) {
+            Ok(n) if n > 0 => continue,
+            other => break other,
+        }
+    };
+    assert!(
+        matches!(&got, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
+        "a drained tunnel must be reset: {got:?}"
+    );
     drop(open);
 }
 

@@ -57,6 +57,8 @@ pub enum InitError {
     NoBackend,
     #[error("Istio's iptables chains ({chains}) are in this network namespace, and portcullis cannot share a pod with the Istio sidecar (same uid 1337 and ports 15001, 15000, 15021), so turn sidecar injection off for this pod (annotation sidecar.istio.io/inject: \"false\") and restart it")]
     BesideIstio { chains: String },
+    #[error("{path}: [proxy] listen is empty (an explicit-proxy-only config): there is no listener to redirect to, so there are no rules to install; use HTTPS_PROXY and a NetworkPolicy instead (README \"Explicit proxy mode\")")]
+    NothingToRedirect { path: String },
 }
 
 /// What the command line asked for.
@@ -82,6 +84,7 @@ pub fn run(opts: &Options) -> Result<Outcome, InitError> {
         return cleanup(opts.backend, opts.dry_run);
     }
     let cfg = Config::load(&opts.config)?;
+    refuse_without_listener(&cfg)?;
     if opts.dry_run {
         let facts = HostFacts::gather(&cfg)?;
         let rules = render::render_for(&cfg, &facts);
@@ -98,6 +101,7 @@ pub fn run(opts: &Options) -> Result<Outcome, InitError> {
 /// Installs the rules of `cfg` in the current network namespace (what
 /// `init` does, and what `run --redirect` needs before it starts the proxy).
 pub fn install(cfg: &Config, choice: BackendChoice) -> Result<Outcome, InitError> {
+    refuse_without_listener(cfg)?;
     let facts = HostFacts::gather(cfg)?;
     let rules = render::render_for(cfg, &facts);
     let mut notes = facts.warnings.clone();
@@ -143,6 +147,17 @@ pub fn install(cfg: &Config, choice: BackendChoice) -> Result<Outcome, InitError
         stdout.push_str(&format!("portcullis init: {line}\n"));
     }
     Ok(Outcome { stdout, notes })
+}
+
+/// Rules that redirect TCP to a port nothing listens on would cut the
+/// workload off: an explicit-proxy-only config (`listen = []`) gets none.
+fn refuse_without_listener(cfg: &Config) -> Result<(), InitError> {
+    if cfg.proxy.listen.is_empty() {
+        return Err(InitError::NothingToRedirect {
+            path: cfg.path.display().to_string(),
+        });
+    }
+    Ok(())
 }
 
 /// Istio's init container (or CNI plugin) leaves chains named `ISTIO_*`

@@ -30,7 +30,7 @@ use crate::net::{canonical_addr, canonical_ip, OrigDst};
 use crate::proxy::upstream::ConnectError;
 use crate::proxy::{deny, Generation, Shared};
 use crate::registry::{Decision, FlowProtocol, Reason, Registry, Upstream, Verdict};
-use crate::relay::{Counters, Direction, RelayEnd};
+use crate::relay::{Counters, Direction};
 
 /// Largest CONNECT / first request head read by hand (the rest is hyper's).
 pub const MAX_CONNECT_HEAD: usize = 16 * 1024;
@@ -385,7 +385,7 @@ pub async fn upstream_addrs(
     v: &Verdict,
     target: &Target,
     port: u16,
-) -> Result<Vec<SocketAddr>, Reason> {
+) -> Result<(Vec<SocketAddr>, tokio::time::Instant), Reason> {
     let entry = v.entry.map(|i| gen.registry.entry(i));
     let plan = match (entry, target) {
         (Some(e), _) if e.resolution == Resolution::Static => Upstream::Static(
@@ -425,7 +425,7 @@ pub async fn upstream_addrs(
     if allowed.is_empty() {
         return Err(Reason::ForbiddenAddress);
     }
-    Ok(allowed)
+    Ok((allowed, deadline))
 }
 
 /// A stream that first replays bytes already read from it.
@@ -615,7 +615,8 @@ async fn connect(
                 flow.finish(shared, 0, 0);
                 return;
             }
-            let addrs = match upstream_addrs(shared, gen, ctx, &v, &target, port).await {
+            let (addrs, deadline) = match upstream_addrs(shared, gen, ctx, &v, &target, port).await
+            {
                 Ok(a) => a,
                 Err(r) => {
                     flow.decided(shared, reg, &refused(r));
@@ -627,7 +628,11 @@ async fn connect(
             flow.decided(shared, reg, &v);
             let up = match shared
                 .dialer
-                .connect(&addrs, gen.config().proxy.connect_timeout, 0)
+                .connect(
+                    &addrs,
+                    deadline.saturating_duration_since(tokio::time::Instant::now()),
+                    0,
+                )
                 .await
             {
                 Ok(c) => c,
@@ -683,7 +688,7 @@ pub(crate) fn connect_failed(
     flow: &mut XFlow,
     e: &ConnectError,
 ) {
-    flow.rec.error = Some(e.as_str().to_string());
+    flow.rec.error = Some(e.to_string());
     shared
         .metrics
         .connect_errors
@@ -818,7 +823,7 @@ async fn tunnel_detect(
         flow.finish(shared, 0, 0);
         return;
     }
-    let addrs = match upstream_addrs(shared, gen, ctx, &v, target, port).await {
+    let (addrs, deadline) = match upstream_addrs(shared, gen, ctx, &v, target, port).await {
         Ok(a) => a,
         Err(r) => {
             flow.decided(shared, reg, &refused(r));
@@ -830,7 +835,11 @@ async fn tunnel_detect(
     flow.decided(shared, reg, &v);
     let up = match shared
         .dialer
-        .connect(&addrs, gen.config().proxy.connect_timeout, 0)
+        .connect(
+            &addrs,
+            deadline.saturating_duration_since(tokio::time::Instant::now()),
+            0,
+        )
         .await
     {
         Ok(c) => c,
@@ -904,24 +913,10 @@ async fn write_and_relay(
             down_counter.inc_by(n);
         }
     };
-    let end = tokio::select! {
-        end = crate::relay::relay_with(
-            shared.relay_mode,
-            client,
-            upstream,
-            &shared.pipes,
-            counters,
-            idle,
-            on_bytes,
-        ) => end,
-        why = crate::reload::closed(shared, entry) => {
-            flow.rec.error = Some(why.to_string());
-            return;
-        }
-    };
-    if !matches!(end, RelayEnd::Done) {
-        flow.rec.error = Some(end.to_string());
-    }
+    let (error, reset_by) =
+        super::flow::relay_to_end(shared, entry, client, upstream, counters, idle, on_bytes).await;
+    flow.rec.error = error;
+    flow.rec.reset_by = reset_by;
 }
 
 /// `explain --connect HOST:PORT [--sni NAME | --host NAME]` or

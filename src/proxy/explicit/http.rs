@@ -37,11 +37,13 @@ pub async fn serve(
     peer: SocketAddr,
 ) {
     let hello_timeout = shared.generation().config().proxy.hello_timeout;
+    let local = stream.local_addr().unwrap_or(peer);
     let io = TokioIo::new(PrefixedIo::new(prefix, stream));
     let conn = Arc::new(Conn {
         shared: shared.clone(),
         ctx,
         peer,
+        local,
     });
     let svc = hyper::service::service_fn(move |req| {
         let c = conn.clone();
@@ -70,6 +72,7 @@ struct Conn {
     shared: Arc<Shared>,
     ctx: Arc<Explicit>,
     peer: SocketAddr,
+    local: SocketAddr,
 }
 
 fn full(s: String) -> Body {
@@ -190,6 +193,23 @@ impl Conn {
         let shared = &self.shared;
         let gen = shared.generation();
         let reg = &gen.registry;
+        // Checked per request, not only at accept: a reload that removes a
+        // client from explicit_clients applies to its kept-alive connection.
+        if !super::client_allowed(&gen.config().proxy.explicit_clients, self.local, self.peer) {
+            let mut flow = XFlow::new(self.peer, None);
+            flow.rec.protocol = "http";
+            flow.decided(shared, reg, &super::refused(Reason::ClientNotAllowed));
+            flow.rec.error = Some("client outside explicit_clients".into());
+            flow.finish(shared, 0, 0);
+            let mut r = answer(
+                StatusCode::FORBIDDEN,
+                Some(Reason::ClientNotAllowed),
+                "portcullis: client outside explicit_clients\n".to_string(),
+            );
+            r.headers_mut()
+                .insert(CONNECTION, HeaderValue::from_static("close"));
+            return r;
+        }
         let (target, port) = match absolute_target(req.method(), req.uri()) {
             Ok(t) => t,
             Err(why) => {
@@ -244,18 +264,19 @@ impl Conn {
                 format!("portcullis: {shown} denied: {}\n", r.as_str()),
             );
         }
-        let addrs = match upstream_addrs(shared, &gen, &self.ctx, &v, &target, port).await {
-            Ok(a) => a,
-            Err(r) => {
-                flow.decided(shared, reg, &super::refused(r));
-                flow.finish(shared, 0, 0);
-                return answer(
-                    StatusCode::FORBIDDEN,
-                    Some(r),
-                    format!("portcullis: {shown} denied: {}\n", r.as_str()),
-                );
-            }
-        };
+        let (addrs, deadline) =
+            match upstream_addrs(shared, &gen, &self.ctx, &v, &target, port).await {
+                Ok(a) => a,
+                Err(r) => {
+                    flow.decided(shared, reg, &super::refused(r));
+                    flow.finish(shared, 0, 0);
+                    return answer(
+                        StatusCode::FORBIDDEN,
+                        Some(r),
+                        format!("portcullis: {shown} denied: {}\n", r.as_str()),
+                    );
+                }
+            };
         flow.decided(shared, reg, &v);
         let entry = reg.entry_label(&v).to_string();
         let (up_counter, down_counter) = shared.metrics.byte_counters(&entry);
@@ -295,7 +316,8 @@ impl Conn {
         // (it keeps the socket registered with the loop guard meanwhile).
         let (tx, rx) = tokio::sync::oneshot::channel();
         let s = shared.clone();
-        let timeout = gen.config().proxy.connect_timeout;
+        // resolution and connecting share one connect_timeout
+        let timeout = deadline.saturating_duration_since(tokio::time::Instant::now());
         tokio::spawn(async move {
             let c = match s.dialer.connect(&addrs, timeout, 0).await {
                 Ok(c) => c,
