@@ -96,8 +96,9 @@ in_pod ip route add default via 192.0.2.1
 in_pod ip -6 route add default via 2001:db8::1
 
 # Names come from the pod's hosts file (A and AAAA for every name the proxy
-# resolves); its resolver address answers nothing, so nothing ever leaves the
-# world.
+# resolves, smtp.example.net included: /ready waits for the first resolution
+# of DNS TCP entries); its resolver address answers nothing, so nothing ever
+# leaves the world.
 mkdir -p "/etc/netns/$POD"
 cat >"/etc/netns/$POD/hosts" <<'EOF'
 127.0.0.1 localhost
@@ -106,6 +107,8 @@ cat >"/etc/netns/$POD/hosts" <<'EOF'
 192.0.2.11 a.files.example.com
 2001:db8::11 a.files.example.com
 198.51.100.7 other.example.net
+192.0.2.25 smtp.example.net
+2001:db8::25 smtp.example.net
 EOF
 echo "nameserver 192.0.2.53" >"/etc/netns/$POD/resolv.conf"
 
@@ -127,7 +130,7 @@ echo "== portcullis run (in the pod, as uid 1337)"
 "${IN_POD[@]}" setpriv --reuid 1337 --regid 1337 --clear-groups \
   "$BIN" run -c "$CONFIG" >"$WORK/access.log" 2>"$WORK/proxy.log" &
 PIDS+=($!)
-in_pod "$BIN" wait --url http://127.0.0.1:15021/ready --timeout 10s
+in_pod "$BIN" wait --url http://127.0.0.1:15021/ready --timeout 30s
 
 CURL=(curl -sS --max-time 10 --cacert "$WORK/cert.pem")
 echo
@@ -148,6 +151,9 @@ sed 's/^/   /' "$WORK/access.log"
 echo
 echo "== a few metrics (http://127.0.0.1:15000/metrics in the pod)"
 in_pod curl -sS http://127.0.0.1:15000/metrics | grep -E '^portcullis_connections_total' | sed 's/^/   /'
+echo
+echo "== portcullis status (the traffic page's summary; the page itself: http://127.0.0.1:15000/ in the pod)"
+in_pod "$BIN" status --url http://127.0.0.1:15000 | sed 's/^/   /'
 echo
 echo "== explain: why was other.example.net denied?"
 "$BIN" explain -c "$CONFIG" --dst 198.51.100.7:443 --sni other.example.net | sed 's/^/   /'
