@@ -1412,12 +1412,19 @@ fn validate_entry(
         .as_ref()
         .map(|n| n.get_ref().clone())
         .unwrap_or_else(|| hosts.first().map(|h| h.to_string()).unwrap_or_default());
-    if name.is_empty() || name.len() > 253 || name.chars().any(|ch| ch.is_control() || ch == '"') {
+    // Names become Prometheus label values, which prometheus-client writes
+    // unescaped: a quote or backslash would break /metrics for everyone.
+    if name.is_empty()
+        || name.len() > 253
+        || name
+            .chars()
+            .any(|ch| ch.is_control() || ch == '"' || ch == '\\')
+    {
         let off = e.name.as_ref().map(|n| n.span().start).unwrap_or(start);
         return Err(err(
             off,
             "name",
-            "names are 1-253 printable characters without quotes".into(),
+            "names are 1-253 printable characters without quotes or backslashes (they are metric label values)".into(),
         ));
     }
     if matches!(name.as_str(), "BlackHole" | "Passthrough") {
