@@ -27,24 +27,8 @@ struct Px {
 
 /// `[proxy]` and `[redirect]` with the timeouts of these tests; `extra` goes into `[proxy]`.
 fn proxy_section(hello_timeout: &str, extra: &str) -> String {
-    format!(
-        r#"
-[proxy]
-listen = ["127.0.0.1:15001", "[::1]:15001"]
-health = "127.0.0.1:15021"
-admin = "127.0.0.1:15000"
-hello_timeout = "{hello_timeout}"
-first_byte_timeout = "300ms"
-connect_timeout = "1s"
-drain_min = "0s"
-drain_timeout = "2s"
-{extra}
-
-[redirect]
-proxy_uid = 1337
-proxy_gid = 1337
-"#
-    )
+    let proxy = format!("hello_timeout = \"{hello_timeout}\"\nconnect_timeout = \"1s\"\n{extra}");
+    proxy_config("", &proxy, "")
 }
 
 impl Px {
@@ -60,18 +44,7 @@ impl Px {
 
     /// The access log so far, once it holds at least `n` lines.
     fn log(&mut self, n: usize) -> Vec<Value> {
-        let lines = self.proxy.wait_stdout_lines(n, Duration::from_secs(20));
-        let v: Vec<Value> = lines
-            .iter()
-            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad log line {l:?}: {e}")))
-            .collect();
-        assert!(
-            v.len() >= n,
-            "wanted {n} log lines, got {}\n{}",
-            v.len(),
-            self.proxy.logs(4000)
-        );
-        v
+        access_log(&mut self.proxy, n, Duration::from_secs(20))
     }
 
     /// The line of the `n`-th flow (1-based), once it is there.
@@ -412,12 +385,9 @@ impl Hello {
 
 // ------------------------------------------------------------------------------ registry
 
-const REGISTRY: &str = r#"
-[[service_entry]]
-name = "api"
-hosts = ["api.example.com"]
-ports = [{ number = 443, protocol = "TLS" }, { number = 80, protocol = "HTTP" }]
-
+const REGISTRY: &str = concat!(
+    api_entry!(),
+    r#"
 [[service_entry]]
 name = "files"
 hosts = ["*.files.example.com"]
@@ -441,7 +411,8 @@ resolution = "NONE"
 name = "backend"
 addresses = ["198.51.100.7/32"]
 ports = [{ number = 7000, protocol = "TCP" }, { number = 7003, protocol = "TCP" }]
-"#;
+"#
+);
 
 // ------------------------------------------------------------------------------ slow clients
 
@@ -567,11 +538,7 @@ fn a_60k_hello_dripped_byte_by_byte_is_examined_linearly() {
     drop(clients);
     let log = px.log(CLIENTS);
     for l in &log {
-        assert_eq!(
-            (l["decision"].as_str(), l["name"].as_str()),
-            (Some("allow"), Some("api.example.com")),
-            "{l}"
-        );
+        assert_log(l, &[("decision", "allow"), ("name", "api.example.com")]);
         assert!(l["bytes_up"].as_u64().unwrap() >= hello.len() as u64, "{l}");
     }
     let sent = (CLIENTS * hello.len()) as f64;
@@ -603,14 +570,13 @@ fn oversized_and_garbage_first_flights() {
     assert_eq!(got, ALERT);
     n += 1;
     let l = px.nth(n);
-    assert_eq!(
-        (
-            l["decision"].as_str(),
-            l["reason"].as_str(),
-            l["protocol"].as_str()
-        ),
-        (Some("deny"), Some("too_large"), Some("tls")),
-        "{l}"
+    assert_log(
+        &l,
+        &[
+            ("decision", "deny"),
+            ("reason", "too_large"),
+            ("protocol", "tls"),
+        ],
     );
 
     // A request head of 70 KiB.
@@ -625,11 +591,7 @@ fn oversized_and_garbage_first_flights() {
     assert!(text.contains("too_large"), "{text}");
     n += 1;
     let l = px.nth(n);
-    assert_eq!(
-        (l["reason"].as_str(), l["protocol"].as_str()),
-        (Some("too_large"), Some("http")),
-        "{l}"
-    );
+    assert_log(&l, &[("reason", "too_large"), ("protocol", "http")]);
 
     // Random bytes: no protocol, no name; on a TLS port of no TCP entry, a reset.
     let mut seed = 0x9e37_79b9_7f4a_7c15u64;
@@ -650,14 +612,13 @@ fn oversized_and_garbage_first_flights() {
     assert!(r.is_ok() || was_reset(&r), "{r:?}");
     n += 1;
     let l = px.nth(n);
-    assert_eq!(
-        (
-            l["decision"].as_str(),
-            l["reason"].as_str(),
-            l["protocol"].as_str()
-        ),
-        (Some("deny"), Some("not_in_registry"), Some("tcp")),
-        "{l}"
+    assert_log(
+        &l,
+        &[
+            ("decision", "deny"),
+            ("reason", "not_in_registry"),
+            ("protocol", "tcp"),
+        ],
     );
     assert!(l["name"].is_null(), "{l}");
 
@@ -669,11 +630,7 @@ fn oversized_and_garbage_first_flights() {
     expect_alert(&px, addr::API_V4, &g);
     n += 1;
     let l = px.nth(n);
-    assert_eq!(
-        (l["reason"].as_str(), l["protocol"].as_str()),
-        (Some("malformed"), Some("tls")),
-        "{l}"
-    );
+    assert_log(&l, &[("reason", "malformed"), ("protocol", "tls")]);
     // An HTTP request line followed by binary junk: malformed, answered with a 403.
     let mut g = b"GET / HTTP/1.1\r\n".to_vec();
     g.extend_from_slice(&garbage[..256]);
@@ -713,14 +670,13 @@ fn sni_shapes() {
         &golden.clone().without(EXT_SERVER_NAME).bytes(),
     );
     let l = next(&mut px);
-    assert_eq!(
-        (
-            l["decision"].as_str(),
-            l["reason"].as_str(),
-            l["protocol"].as_str()
-        ),
-        (Some("deny"), Some("not_in_registry"), Some("tls")),
-        "{l}"
+    assert_log(
+        &l,
+        &[
+            ("decision", "deny"),
+            ("reason", "not_in_registry"),
+            ("protocol", "tls"),
+        ],
     );
     assert!(l["name"].is_null(), "{l}");
 
@@ -780,11 +736,7 @@ fn sni_shapes() {
     ] {
         expect_alert(&px, addr::API_V4, &hello.bytes());
         let l = next(&mut px);
-        assert_eq!(
-            (l["decision"].as_str(), l["reason"].as_str()),
-            (Some("deny"), Some("malformed")),
-            "{l}"
-        );
+        assert_log(&l, &[("decision", "deny"), ("reason", "malformed")]);
     }
 
     // A GREASE ECH extension on an allowed name changes nothing but the log's mark.
@@ -842,10 +794,9 @@ fn sni_and_host_spoofing() {
     assert!(out.ok().contains("local=192.0.2.10:443"), "{out:?}");
     n += 1;
     let l = px.nth(n);
-    assert_eq!(
-        (l["dst"].as_str(), l["upstream"].as_str()),
-        (Some("198.51.100.7:443"), Some("192.0.2.10:443")),
-        "{l}"
+    assert_log(
+        &l,
+        &[("dst", "198.51.100.7:443"), ("upstream", "192.0.2.10:443")],
     );
     // DNS, wildcard: dialling 203.0.113.5 presenting a.files.example.com reaches 192.0.2.11.
     let out = px.world.curl(&[
@@ -877,10 +828,12 @@ fn sni_and_host_spoofing() {
     );
     n += 1;
     let l = px.nth(n);
-    assert_eq!(
-        (l["reason"].as_str(), l["name"].as_str()),
-        (Some("address_mismatch"), Some("other.example.net")),
-        "{l}"
+    assert_log(
+        &l,
+        &[
+            ("reason", "address_mismatch"),
+            ("name", "other.example.net"),
+        ],
     );
     // addresses, wildcard: *.pinned.example is pinned to 198.51.100.7 too.
     expect_alert(
@@ -901,10 +854,9 @@ fn sni_and_host_spoofing() {
         expect_server_hello(&px, addr::OTHER_V4, &golden.clone().sni(&[name]).bytes());
         n += 1;
         let l = px.nth(n);
-        assert_eq!(
-            (l["decision"].as_str(), l["upstream"].as_str()),
-            (Some("allow"), Some("198.51.100.7:443")),
-            "{l}"
+        assert_log(
+            &l,
+            &[("decision", "allow"), ("upstream", "198.51.100.7:443")],
         );
     }
     // A wildcard never matches its bare suffix.
@@ -990,11 +942,7 @@ fn http_host_shapes() {
         assert!(text.starts_with("HTTP/1.1 200 OK"), "{text}");
         n += 1;
         let l = px.nth(n);
-        assert_eq!(
-            (l["decision"].as_str(), l["name"].as_str()),
-            (Some("allow"), Some("api.example.com")),
-            "{l}"
-        );
+        assert_log(&l, &[("decision", "allow"), ("name", "api.example.com")]);
     }
 
     // An IP literal as Host is no name: it matches no host (here, the address of an allowed
@@ -1031,18 +979,13 @@ fn http_host_shapes() {
         );
         n += 1;
         let l = px.nth(n);
-        assert_eq!(
-            (
-                l["decision"].as_str(),
-                l["name"].as_str(),
-                l["upstream"].as_str()
-            ),
-            (
-                Some("allow"),
-                Some("api.example.com"),
-                Some("192.0.2.10:80")
-            ),
-            "{l}"
+        assert_log(
+            &l,
+            &[
+                ("decision", "allow"),
+                ("name", "api.example.com"),
+                ("upstream", "192.0.2.10:80"),
+            ],
         );
     }
 }
@@ -1121,11 +1064,7 @@ fn audit_mode_direct_connection_is_a_loop() {
     }
     let log = px.log(2);
     for l in &log {
-        assert_eq!(
-            (l["decision"].as_str(), l["reason"].as_str()),
-            (Some("deny"), Some("loop")),
-            "{l}"
-        );
+        assert_log(l, &[("decision", "deny"), ("reason", "loop")]);
         assert!(l["upstream"].is_null(), "{l}");
     }
     assert!(px.world.upstream_accepts().is_empty(), "a loop was passed");
@@ -1136,11 +1075,7 @@ fn audit_mode_direct_connection_is_a_loop() {
         &Hello::golden().sni(&["evil.example.net"]).bytes(),
     );
     let l = px.nth(3);
-    assert_eq!(
-        (l["decision"].as_str(), l["reason"].as_str()),
-        (Some("audit"), Some("not_in_registry")),
-        "{l}"
-    );
+    assert_log(&l, &[("decision", "audit"), ("reason", "not_in_registry")]);
 }
 
 /// Past max_connections new flows are reset at once and counted (reason overload); once the
@@ -1327,11 +1262,7 @@ fn resets_mid_stream_name_the_side() {
     s.write_all(b"hello\n").unwrap();
     expect_reset(&mut s);
     let l = px.nth(1);
-    assert_eq!(
-        (l["decision"].as_str(), l["error"].as_str()),
-        (Some("allow"), Some("upstream_reset")),
-        "{l}"
-    );
+    assert_log(&l, &[("decision", "allow"), ("error", "upstream_reset")]);
     assert_eq!(l["bytes_up"], 6, "{l}");
 
     // The client resets an echo flow after one exchange: how curl and browsers often end
@@ -1370,11 +1301,7 @@ fn resets_mid_stream_name_the_side() {
         .unwrap();
     drop(s);
     let l = px.nth(3);
-    assert_eq!(
-        (l["decision"].as_str(), l["error"].as_str()),
-        (Some("allow"), Some("client_reset")),
-        "{l}"
-    );
+    assert_log(&l, &[("decision", "allow"), ("error", "client_reset")]);
     assert!(l.get("reset_by").is_none(), "{l}");
 }
 
@@ -1450,9 +1377,5 @@ except ConnectionResetError:
     let lines: Vec<String> = proxy.stdout().lines().map(String::from).collect();
     assert_eq!(lines.len(), 1, "{lines:?}");
     let l: Value = serde_json::from_str(&lines[0]).unwrap();
-    assert_eq!(
-        (l["decision"].as_str(), l["dst"].as_str()),
-        (Some("deny"), Some("192.0.2.10:7000")),
-        "{l}"
-    );
+    assert_log(&l, &[("decision", "deny"), ("dst", "192.0.2.10:7000")]);
 }

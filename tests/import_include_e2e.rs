@@ -7,7 +7,7 @@
 
 mod common;
 
-use std::io::{self, Write};
+use std::io::Write;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -17,24 +17,6 @@ use serde_json::Value;
 const LISTEN: &str = "127.0.0.1:15001";
 const HEALTH: &str = "127.0.0.1:15021";
 const ADMIN: &str = "127.0.0.1:15000";
-
-fn http_get(ns: &str, addr: &str, path: &str) -> io::Result<(u16, String)> {
-    let mut s = connect_in(ns, addr.parse().unwrap(), Duration::from_secs(5))?;
-    s.set_write_timeout(Some(Duration::from_secs(5)))?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
-    let (raw, r) = read_to_end_timeout(&mut s, Duration::from_secs(10));
-    r?;
-    let text = String::from_utf8_lossy(&raw).into_owned();
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| io::Error::other(format!("no HTTP head in {text:?}")))?;
-    let code = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| io::Error::other(format!("no status in {head:?}")))?;
-    Ok((code, body.to_string()))
-}
 
 /// A ConfigMap volume of Istio YAML, updated as kubelet does: a new
 /// timestamped directory, a new `..data` symlink renamed over the old one,

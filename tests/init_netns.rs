@@ -1,7 +1,7 @@
 //! `portcullis init` for real, in network namespaces (docs/DESIGN.md §5, §6).
 //!
 //! Every iptables command here runs as `ip netns exec NS ...` inside a
-//! namespace this test created (named `pci<pid>x<n>`); the machine's own
+//! namespace this test created (`common::Netns`, named `pc<pid>x<n>n`); the machine's own
 //! rules are never read or touched. Namespaces, temp files and processes are
 //! removed by Drop guards, also when a test panics. Processes are killed by
 //! pid. Addresses are documentation ranges only.
@@ -14,6 +14,8 @@
 //! ```
 //! The stand-in proxy is a python listener that answers with the original
 //! destination (SO_ORIGINAL_DST), so a client sees who answered and for whom.
+
+mod common;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -49,18 +51,20 @@ fn must(cmd: &mut Command) -> Output {
     out
 }
 
-/// A network namespace, deleted on drop.
-struct Ns {
-    name: String,
+/// A network namespace (the harness's [`common::Netns`]: deleted, with every
+/// process inside, on drop) and what this file runs in it.
+struct Ns(common::Netns);
+
+impl std::ops::Deref for Ns {
+    type Target = common::Netns;
+    fn deref(&self) -> &common::Netns {
+        &self.0
+    }
 }
 
 impl Ns {
     fn new() -> Ns {
-        let name = unique("pci");
-        must(Command::new("ip").args(["netns", "add", &name]));
-        let ns = Ns { name };
-        must(Command::new("ip").args(["-n", &ns.name, "link", "set", "lo", "up"]));
-        ns
+        Ns(common::Netns::new())
     }
 
     /// `ip netns exec NAME args...`: the only way this file runs a command
@@ -180,14 +184,6 @@ impl Ns {
         }
         let out = cmd.output().expect("run client");
         String::from_utf8_lossy(&out.stdout).trim().to_string()
-    }
-}
-
-impl Drop for Ns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "delete", &self.name])
-            .status();
     }
 }
 

@@ -21,40 +21,7 @@ const LISTEN: &str = "127.0.0.1:15001";
 const HEALTH: &str = "127.0.0.1:15021";
 const ADMIN: &str = "127.0.0.1:15000";
 
-/// A config: top-level keys, `[proxy]` keys (overriding the short test
-/// defaults below), then entries.
-fn config(top: &str, proxy: &str, entries: &str) -> String {
-    let defaults = [
-        ("listen", r#"["127.0.0.1:15001", "[::1]:15001"]"#),
-        ("health", r#""127.0.0.1:15021""#),
-        ("admin", r#""127.0.0.1:15000""#),
-        ("hello_timeout", r#""2s""#),
-        ("first_byte_timeout", r#""300ms""#),
-        ("connect_timeout", r#""2s""#),
-        ("drain_min", r#""0s""#),
-        ("drain_timeout", r#""2s""#),
-    ];
-    let given: Vec<&str> = proxy
-        .lines()
-        .filter_map(|l| l.split_once('=').map(|(k, _)| k.trim()))
-        .collect();
-    let mut p = String::new();
-    for (k, v) in defaults {
-        if !given.contains(&k) {
-            p.push_str(&format!("{k} = {v}\n"));
-        }
-    }
-    format!(
-        "{top}\n[proxy]\n{p}{proxy}\n\n[redirect]\nproxy_uid = 1337\nproxy_gid = 1337\n{entries}"
-    )
-}
-
-const API: &str = r#"
-[[service_entry]]
-name = "api"
-hosts = ["api.example.com"]
-ports = [{ number = 443, protocol = "TLS" }, { number = 80, protocol = "HTTP" }]
-"#;
+const API: &str = api_entry!();
 
 const BACKEND: &str = r#"
 [[service_entry]]
@@ -148,17 +115,7 @@ impl Ops {
     /// The access log (the proxy's stdout) once it has at least `n` lines.
     #[track_caller]
     fn log(&mut self, n: usize) -> Vec<Value> {
-        let lines = self.proxy.wait_stdout_lines(n, Duration::from_secs(10));
-        let v: Vec<Value> = lines
-            .iter()
-            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad log line {l:?}: {e}")))
-            .collect();
-        assert!(
-            v.len() >= n,
-            "wanted {n} log lines, got {v:?}\n{}",
-            self.proxy.logs(4000)
-        );
-        v
+        access_log(&mut self.proxy, n, Duration::from_secs(10))
     }
 
     /// The first access-log line for which `f` holds (waits up to 10 s).
@@ -197,26 +154,6 @@ fn spawn_proxy_wrapped(world: &World, cfg: &Path, wrap: &[&str]) -> Proc {
             .args(args)
             .user(PROXY_UID, PROXY_UID),
     )
-}
-
-/// `GET path` over HTTP/1.0 (the answer is close-delimited, never chunked)
-/// from inside `ns`; the status code and body.
-fn http_get(ns: &str, addr: &str, path: &str) -> io::Result<(u16, String)> {
-    let mut s = connect_in(ns, addr.parse().unwrap(), Duration::from_secs(5))?;
-    s.set_write_timeout(Some(Duration::from_secs(5)))?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
-    let (raw, r) = read_to_end_timeout(&mut s, Duration::from_secs(10));
-    r?;
-    let text = String::from_utf8_lossy(&raw).into_owned();
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| io::Error::other(format!("no HTTP head in {text:?}")))?;
-    let code = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| io::Error::other(format!("no status in {head:?}")))?;
-    Ok((code, body.to_string()))
 }
 
 /// A flow through the echo upstream: `n` pattern bytes there and back.
@@ -601,7 +538,7 @@ fn raw_http(ops: &Ops, dst: SocketAddr, host: &str) -> String {
 
 #[test]
 fn metrics_after_a_known_mix_of_flows() {
-    let strict = config("", "", &format!("{API}{BACKEND}"));
+    let strict = proxy_config("", "", &format!("{API}{BACKEND}"));
     let mut ops = Ops::start(&strict);
     let w = &ops.world;
 
@@ -642,7 +579,11 @@ fn metrics_after_a_known_mix_of_flows() {
     }
 
     // audit: would-be denials pass, labelled Passthrough
-    ops.rewrite(&config("audit = true", "", &format!("{API}{BACKEND}")));
+    ops.rewrite(&proxy_config(
+        "audit = true",
+        "",
+        &format!("{API}{BACKEND}"),
+    ));
     ops.wait_reloads("success", 1);
     let w = &ops.world;
     let out = w.curl(&[
@@ -657,7 +598,7 @@ fn metrics_after_a_known_mix_of_flows() {
     drop(s);
 
     // ALLOW_ANY: everything passes, registry matches still labelled
-    ops.rewrite(&config(
+    ops.rewrite(&proxy_config(
         "outbound_traffic_policy = \"ALLOW_ANY\"",
         "",
         &format!("{API}{BACKEND}"),
@@ -866,7 +807,7 @@ hosts = ["api.example.com"]
 ports = [{ number = 7000, protocol = "TCP" }]
 resolution = "DNS"
 "#;
-    let cfg = world.write_file("config.toml", &config("", "drain_min = \"1s\"", db));
+    let cfg = world.write_file("config.toml", &proxy_config("", "drain_min = \"1s\"", db));
     let mut proxy = world.spawn_proxy(&["run", "-c", cfg.to_str().unwrap()]);
     world.wait_tcp(&world.pod, HEALTH.parse().unwrap());
     world.wait_tcp(&world.pod, ADMIN.parse().unwrap());
@@ -1004,7 +945,7 @@ fn a_fifo_nobody_reads_neither_stalls_start_nor_flows() {
     let world = World::start();
     let fifo = world.path("access.fifo");
     mkfifo(&fifo);
-    let text = config(
+    let text = proxy_config(
         "",
         &format!("access_log = \"{}\"", fifo.display()),
         &format!("{API}{BACKEND}"),
@@ -1092,7 +1033,10 @@ fn a_stdout_pipe_nobody_reads_does_not_stall_flows() {
     // the pipe buffer is full, every write blocks.
     let world = World::start();
     world.redirect(15001, Some(PROXY_UID));
-    let cfg = world.write_file("config.toml", &config("", "", &format!("{API}{BACKEND}")));
+    let cfg = world.write_file(
+        "config.toml",
+        &proxy_config("", "", &format!("{API}{BACKEND}")),
+    );
     let script = format!(
         "setpriv --reuid={PROXY_UID} --regid={PROXY_UID} --clear-groups -- {} run -c {} | sleep 600",
         portcullis_bin(),
@@ -1202,7 +1146,7 @@ fn reload_on_configmap_swap_bad_file_restart_keys_and_sighup() {
     let world = World::start();
     let mut cm = ConfigMap::new(
         world.path("cm"),
-        &config("", "", &format!("{API}{BACKEND}")),
+        &proxy_config("", "", &format!("{API}{BACKEND}")),
     );
     let cfg = cm.path();
     let mut ops = Ops::start_with(world, cfg, &[]);
@@ -1222,7 +1166,7 @@ fn reload_on_configmap_swap_bad_file_restart_keys_and_sighup() {
     assert!(!org_ok(&ops));
 
     // 1. The ConfigMap changes: new flows see the new registry at once.
-    cm.update(&config("", "", &format!("{BACKEND}{ORG}")));
+    cm.update(&proxy_config("", "", &format!("{BACKEND}{ORG}")));
     let t = Instant::now();
     assert!(
         poll_until(Duration::from_secs(10), || org_ok(&ops)),
@@ -1241,7 +1185,7 @@ fn reload_on_configmap_swap_bad_file_restart_keys_and_sighup() {
     echo(&mut long, 1000);
 
     // 2. An invalid file: logged with its error, counted; the old config serves.
-    cm.update(&config(
+    cm.update(&proxy_config(
         "",
         "",
         &format!("{BACKEND}{ORG}\n[[service_entry]]\nhosts = [\"x.example.com\"]\nports = [{{ number = 443, protocol = \"HTTP2\" }}]\n"),
@@ -1282,7 +1226,7 @@ fn reload_on_configmap_swap_bad_file_restart_keys_and_sighup() {
 
     // 3. Valid again, with audit on and a listener changed: "re-run init"
     //    and "restart required", in the log, /config and the gauge.
-    let mut v4 = config(
+    let mut v4 = proxy_config(
         "audit = true",
         r#"listen = ["127.0.0.1:15001", "[::1]:15001", "127.0.0.1:15002"]"#,
         BACKEND,
@@ -1367,7 +1311,7 @@ impl Ops {
 #[test]
 fn revoke_on_reload_closes_flows_of_removed_entries_after_drain_timeout() {
     let proxy = "revoke_on_reload = true\ndrain_timeout = \"1s\"";
-    let mut ops = Ops::start(&config("", proxy, &format!("{BACKEND}{KEEP}")));
+    let mut ops = Ops::start(&proxy_config("", proxy, &format!("{BACKEND}{KEEP}")));
     let w = &ops.world;
     let mut a = w.pod_connect(sa(addr::OTHER_V4, port::ECHO)).unwrap(); // backend
     let mut b = w.pod_connect(sa(addr::API_V4, port::ECHO)).unwrap(); // keep
@@ -1375,7 +1319,7 @@ fn revoke_on_reload_closes_flows_of_removed_entries_after_drain_timeout() {
     echo(&mut b, 100);
 
     // backend removed: its flows get drain_timeout (1 s), then are closed.
-    ops.reload_with(&config("", proxy, KEEP));
+    ops.reload_with(&proxy_config("", proxy, KEEP));
     echo(&mut a, 100); // still served right after the reload
     assert!(
         reset_or_closed(&ops.world, sa(addr::OTHER_V4, port::ECHO)),
@@ -1395,15 +1339,15 @@ fn revoke_on_reload_closes_flows_of_removed_entries_after_drain_timeout() {
     echo(&mut b, 100);
 
     // keep removed, then back before its deadline: its flow stays.
-    ops.reload_with(&config("", proxy, ""));
-    ops.reload_with(&config("", proxy, KEEP));
+    ops.reload_with(&proxy_config("", proxy, ""));
+    ops.reload_with(&proxy_config("", proxy, KEEP));
     assert!(
         !closed_within(&mut b, Duration::from_millis(1500)),
         "re-added entry's flow was closed"
     );
     echo(&mut b, 100);
     // without revoke_on_reload, removing an entry leaves its flows alone
-    ops.reload_with(&config("", "drain_timeout = \"1s\"", ""));
+    ops.reload_with(&proxy_config("", "drain_timeout = \"1s\"", ""));
     assert!(!closed_within(&mut b, Duration::from_millis(1500)));
     echo(&mut b, 100);
 }
@@ -1416,7 +1360,7 @@ fn revoke_on_reload_closes_flows_of_removed_entries_after_drain_timeout() {
 #[test]
 fn sigterm_is_seen_while_reloads_are_stuck_and_their_queue_is_full() {
     use std::os::unix::ffi::OsStrExt;
-    let text = config("", "", "");
+    let text = proxy_config("", "", "");
     let mut ops = Ops::start(&text);
     let fifo = ops.cfg.with_extension("fifo");
     let c = std::ffi::CString::new(fifo.as_os_str().as_bytes()).unwrap();
@@ -1453,7 +1397,7 @@ fn sigterm_is_seen_while_reloads_are_stuck_and_their_queue_is_full() {
 #[test]
 fn sigterm_drains_serving_old_and_new_flows_then_exits_zero() {
     let proxy = "drain_min = \"1s\"\ndrain_timeout = \"20s\"";
-    let mut ops = Ops::start(&config("", proxy, &format!("{API}{BACKEND}")));
+    let mut ops = Ops::start(&proxy_config("", proxy, &format!("{API}{BACKEND}")));
     let mut long = ops
         .world
         .pod_connect(sa(addr::OTHER_V4, port::ECHO))
@@ -1517,7 +1461,7 @@ fn sigterm_drains_serving_old_and_new_flows_then_exits_zero() {
 #[test]
 fn drain_timeout_closes_the_remaining_flows_and_exits_zero() {
     let proxy = "drain_min = \"500ms\"\ndrain_timeout = \"2s\"";
-    let mut ops = Ops::start(&config("", proxy, BACKEND));
+    let mut ops = Ops::start(&proxy_config("", proxy, BACKEND));
     let mut long = ops
         .world
         .pod_connect(sa(addr::OTHER_V4, port::ECHO))
@@ -1554,7 +1498,7 @@ fn drain_timeout_closes_the_remaining_flows_and_exits_zero() {
 
 #[test]
 fn past_max_connections_flows_are_reset_and_counted_as_overload() {
-    let mut ops = Ops::start(&config("", "max_connections = 5", BACKEND));
+    let mut ops = Ops::start(&proxy_config("", "max_connections = 5", BACKEND));
     let w = &ops.world;
     let mut open: Vec<TcpStream> = (0..5)
         .map(|_| {
@@ -1625,7 +1569,7 @@ fn max_connections_is_exact_across_the_ipv4_and_ipv6_listeners() {
     const MAX: usize = 30;
     const EACH: usize = 40;
     // Connections that send nothing stay in detection (first_byte_timeout) holding their slot.
-    let mut ops = Ops::start(&config(
+    let mut ops = Ops::start(&proxy_config(
         "",
         &format!("max_connections = {MAX}\nfirst_byte_timeout = \"30s\"\nhello_timeout = \"30s\""),
         BACKEND,
@@ -1673,7 +1617,7 @@ fn auto_max_connections_from_the_raised_fd_limit() {
     let world = World::start();
     let cfg = world.write_file(
         "config.toml",
-        &config("", "max_connections = \"auto\"", BACKEND),
+        &proxy_config("", "max_connections = \"auto\"", BACKEND),
     );
     let ops = Ops::start_with(world, cfg, &["prlimit", "--nofile=1024:20000", "--"]);
     let m = ops.metrics();
@@ -1691,7 +1635,7 @@ fn fd_exhaustion_is_backed_off_without_spinning_and_recovers() {
     let world = World::start();
     let cfg = world.write_file(
         "config.toml",
-        &config("", "max_connections = 1000", BACKEND),
+        &proxy_config("", "max_connections = 1000", BACKEND),
     );
     let mut ops = Ops::start_with(world, cfg, &["prlimit", "--nofile=64:64", "--"]);
     let pid = ops.proxy.pid();
@@ -1807,7 +1751,7 @@ fn a_flood_on_health_from_one_host_costs_no_egress_flow_and_no_probe() {
     let world = World::builder().lan(true).start();
     let cfg = world.write_file(
         "config.toml",
-        &config("", "health = \"0.0.0.0:15021\"", BACKEND),
+        &proxy_config("", "health = \"0.0.0.0:15021\"", BACKEND),
     );
     let script = world.write_file("flood.py", FLOOD_PY);
     let mut ops = Ops::start_with(world, cfg, &["prlimit", "--nofile=1024:1024", "--"]);
@@ -2011,7 +1955,7 @@ fn workload(ops: &Ops) -> usize {
 
 #[test]
 fn denied_toml_from_audit_pasted_lets_the_same_flows_pass_registry_only() {
-    let mut ops = Ops::start(&config("audit = true", "", API));
+    let mut ops = Ops::start(&proxy_config("audit = true", "", API));
     let n = workload(&ops);
     assert!(ops
         .world
@@ -2061,7 +2005,7 @@ fn denied_toml_from_audit_pasted_lets_the_same_flows_pass_registry_only() {
     );
 
     // Pasted into the config under REGISTRY_ONLY: the same flows pass.
-    let pasted = config("", "", &format!("{API}\n{toml}"));
+    let pasted = proxy_config("", "", &format!("{API}\n{toml}"));
     let check = ops.world.portcullis(&[
         "check",
         "-c",

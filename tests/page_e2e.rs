@@ -20,30 +20,22 @@ use serde_json::{json, Value};
 const ADMIN: &str = "127.0.0.1:15000";
 const DEVTOOLS_PORT: u16 = 9222;
 
-const ENTRIES: &str = r#"
-[[service_entry]]
-name = "api"
-hosts = ["api.example.com"]
-ports = [{ number = 443, protocol = "TLS" }, { number = 80, protocol = "HTTP" }]
-
-[[service_entry]]
-name = "files"
-hosts = ["*.files.example.com"]
-ports = [{ number = 443, protocol = "TLS" }]
-
+const ENTRIES: &str = concat!(
+    api_entry!(),
+    files_entry!(),
+    r#"
 [[service_entry]]
 name = "idle-backend"
 addresses = ["198.51.100.7/32"]
 ports = [{ number = 7000, protocol = "TCP" }]
-"#;
+"#
+);
 
 fn config(audit: bool) -> String {
-    format!(
-        "outbound_traffic_policy = \"REGISTRY_ONLY\"\naudit = {audit}\n\n[proxy]\n\
-         listen = [\"127.0.0.1:15001\", \"[::1]:15001\"]\nhealth = \"127.0.0.1:15021\"\n\
-         admin = \"{ADMIN}\"\nhello_timeout = \"2s\"\nfirst_byte_timeout = \"300ms\"\n\
-         connect_timeout = \"2s\"\ndrain_min = \"0s\"\ndrain_timeout = \"1s\"\n\n\
-         [redirect]\nproxy_uid = 1337\nproxy_gid = 1337\n{ENTRIES}"
+    proxy_config(
+        &format!("outbound_traffic_policy = \"REGISTRY_ONLY\"\naudit = {audit}"),
+        &format!("admin = \"{ADMIN}\"\ndrain_timeout = \"1s\""),
+        ENTRIES,
     )
 }
 
@@ -76,25 +68,7 @@ impl Pod {
 
     /// GET from inside the pod with the given Host (default: the address).
     fn get_host(&self, path: &str, host: &str) -> io::Result<(u16, String, String)> {
-        let mut s = connect_in(
-            &self.world.pod,
-            ADMIN.parse().unwrap(),
-            Duration::from_secs(5),
-        )?;
-        s.set_read_timeout(Some(Duration::from_secs(10)))?;
-        write!(s, "GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n")?;
-        let mut raw = Vec::new();
-        s.read_to_end(&mut raw)?;
-        let text = String::from_utf8_lossy(&raw).into_owned();
-        let (head, body) = text
-            .split_once("\r\n\r\n")
-            .ok_or_else(|| io::Error::other(format!("no HTTP head in {text:?}")))?;
-        let code = head
-            .split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .ok_or_else(|| io::Error::other(format!("no status in {head:?}")))?;
-        Ok((code, head.to_ascii_lowercase(), body.to_string()))
+        http_get_host(&self.world.pod, ADMIN, path, host)
     }
 
     fn get(&self, path: &str) -> io::Result<(u16, String, String)> {
@@ -117,12 +91,7 @@ impl Pod {
             self.proxy.logs(4000)
         );
         std::thread::sleep(Duration::from_millis(300));
-        let lines: Vec<Value> = self
-            .proxy
-            .stdout()
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad log line {l:?}: {e}")))
-            .collect();
+        let lines = parse_log(self.proxy.stdout().lines());
         assert_eq!(lines.len(), n, "unexpected flows: {lines:#?}");
         lines
     }

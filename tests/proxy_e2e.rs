@@ -18,22 +18,6 @@ struct Px {
     proxy: Proc,
 }
 
-const PROXY_BASE: &str = r#"
-[proxy]
-listen = ["127.0.0.1:15001", "[::1]:15001"]
-health = "127.0.0.1:15021"
-admin = "127.0.0.1:15000"
-hello_timeout = "2s"
-first_byte_timeout = "300ms"
-connect_timeout = "2s"
-drain_min = "0s"
-drain_timeout = "2s"
-
-[redirect]
-proxy_uid = 1337
-proxy_gid = 1337
-"#;
-
 impl Px {
     fn start(policy: &str, entries: &str) -> Px {
         let world = World::start();
@@ -41,7 +25,7 @@ impl Px {
     }
 
     fn start_in(world: World, policy: &str, entries: &str) -> Px {
-        let cfg = world.write_file("config.toml", &format!("{policy}\n{PROXY_BASE}\n{entries}"));
+        let cfg = world.write_file("config.toml", &proxy_config(policy, "", entries));
         world.init(&cfg);
         let proxy = world.spawn_proxy(&["run", "-c", cfg.to_str().unwrap()]);
         world.wait_tcp(&world.pod, "127.0.0.1:15001".parse().unwrap());
@@ -50,35 +34,50 @@ impl Px {
 
     /// Access-log lines so far, once at least `n` are there.
     fn log(&mut self, n: usize) -> Vec<Value> {
-        let lines = self.proxy.wait_stdout_lines(n, Duration::from_secs(10));
-        let v: Vec<Value> = lines
-            .iter()
-            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad log line {l:?}: {e}")))
-            .collect();
-        assert!(
-            v.len() >= n,
-            "wanted {n} log lines, got {v:?}\n{}",
-            self.proxy.logs(4000)
-        );
-        v
+        access_log(&mut self.proxy, n, Duration::from_secs(10))
     }
 
     fn last_log(&mut self, n: usize) -> Value {
         self.log(n)[n - 1].clone()
     }
+
+    /// The proxy on `config` under rules that forget to exclude it (no
+    /// excluded uid): its own upstream connections come back to it.
+    fn start_unexcluded(config: &str) -> Px {
+        let world = World::start();
+        world.redirect(15001, None);
+        let cfg = world.write_file("config.toml", config);
+        let proxy = world.spawn_proxy(&["run", "-c", cfg.to_str().unwrap()]);
+        world.wait_tcp(&world.pod, "127.0.0.1:15001".parse().unwrap());
+        Px { world, proxy }
+    }
+
+    /// A loop was stopped within a bounded number of hops: the access log
+    /// holds a loop denial to a `dst` for which `dst_ok` holds, it stays at
+    /// three lines, and nothing reached an upstream.
+    #[track_caller]
+    fn assert_loop_stopped(&mut self, dst_ok: impl Fn(&str) -> bool) {
+        let log = self.log(3);
+        assert!(
+            log.iter().any(|l| l["decision"] == "deny"
+                && l["reason"] == "loop"
+                && l["dst"].as_str().is_some_and(&dst_ok)),
+            "{log:?}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+        let lines = self.proxy.stdout().lines().count();
+        assert_eq!(lines, 3, "the loop went on: {}", self.proxy.stdout());
+        assert!(
+            self.world.upstream_accepts().is_empty(),
+            "nothing reached the upstream"
+        );
+    }
 }
 
-const API: &str = r#"
-[[service_entry]]
-name = "api"
-hosts = ["api.example.com"]
-ports = [{ number = 443, protocol = "TLS" }, { number = 80, protocol = "HTTP" }]
-
-[[service_entry]]
-name = "files"
-hosts = ["*.files.example.com"]
-ports = [{ number = 443, protocol = "TLS" }]
-
+const API: &str = concat!(
+    api_entry!(),
+    files_entry!(),
+    r#"
 [[service_entry]]
 name = "pinned"
 hosts = ["other.example.net"]
@@ -90,7 +89,8 @@ resolution = "NONE"
 name = "backend"
 addresses = ["198.51.100.7/32"]
 ports = [{ number = 2222, protocol = "TCP" }, { number = 7000, protocol = "TCP" }, { number = 7001, protocol = "TCP" }, { number = 9000, protocol = "TCP" }, { number = 7003, protocol = "TCP" }]
-"#;
+"#
+);
 
 #[test]
 fn tls_allowed_and_denied_with_alert() {
@@ -127,11 +127,7 @@ fn tls_allowed_and_denied_with_alert() {
     assert!(!out.success());
     assert!(out.stderr.contains("alert access denied"), "{out:?}");
     let l = px.last_log(2);
-    assert_eq!(
-        (l["decision"].as_str(), l["reason"].as_str()),
-        (Some("deny"), Some("not_in_registry")),
-        "{l}"
-    );
+    assert_log(&l, &[("decision", "deny"), ("reason", "not_in_registry")]);
     assert_eq!(l["name"], "evil.example.net");
     assert!(l["entry"].is_null());
     assert!(l["upstream"].is_null());
@@ -156,11 +152,7 @@ fn http_allowed_and_403_naming_host_and_reason() {
         "{text}"
     );
     let l = px.last_log(2);
-    assert_eq!(
-        (l["decision"].as_str(), l["protocol"].as_str()),
-        (Some("deny"), Some("http")),
-        "{l}"
-    );
+    assert_log(&l, &[("decision", "deny"), ("protocol", "http")]);
 }
 
 #[test]
@@ -211,11 +203,7 @@ fn tcp_entry_decided_by_address_server_first_and_half_close() {
     let r = s.read(&mut buf);
     assert!(matches!(r, Ok(0)) || r.is_err(), "{r:?}");
     let l = px.last_log(3);
-    assert_eq!(
-        (l["decision"].as_str(), l["reason"].as_str()),
-        (Some("deny"), Some("not_in_registry")),
-        "{l}"
-    );
+    assert_log(&l, &[("decision", "deny"), ("reason", "not_in_registry")]);
 }
 
 #[test]
@@ -251,11 +239,7 @@ fn allow_any_passes_server_first_without_delay_and_audit_logs() {
     assert_eq!(banner["protocol"], "tcp", "{banner}");
     let tls = log.iter().find(|l| l["dst"] == "198.51.100.7:443").unwrap();
     // a registry match still labels the flow under ALLOW_ANY
-    assert_eq!(
-        (tls["decision"].as_str(), tls["entry"].as_str()),
-        (Some("allow"), Some("pinned")),
-        "{tls}"
-    );
+    assert_log(tls, &[("decision", "allow"), ("entry", "pinned")]);
     drop(px);
 
     let mut px = Px::start("audit = true", API);
@@ -277,11 +261,7 @@ fn allow_any_passes_server_first_without_delay_and_audit_logs() {
         "{out:?}"
     );
     let l = px.last_log(2);
-    assert_eq!(
-        (l["decision"].as_str(), l["reason"].as_str()),
-        (Some("audit"), Some("not_in_registry")),
-        "{l}"
-    );
+    assert_log(&l, &[("decision", "audit"), ("reason", "not_in_registry")]);
     assert_eq!(l["upstream"], "192.0.2.10:443");
 }
 
@@ -297,10 +277,9 @@ fn sni_spoofing_ends_at_the_real_host() {
     ]);
     assert!(out.ok().contains("local=192.0.2.10:443"), "{out:?}");
     let l = px.last_log(1);
-    assert_eq!(
-        (l["dst"].as_str(), l["upstream"].as_str()),
-        (Some("198.51.100.7:443"), Some("192.0.2.10:443")),
-        "{l}"
+    assert_log(
+        &l,
+        &[("dst", "198.51.100.7:443"), ("upstream", "192.0.2.10:443")],
     );
     // a wildcard entry too: a.files.example.com resolves to 192.0.2.11
     let out = px.world.curl(&[
@@ -403,11 +382,7 @@ fn client_hello_split_across_records_and_dripped() {
     }
     let log = px.log(2);
     for l in &log[..2] {
-        assert_eq!(
-            (l["decision"].as_str(), l["name"].as_str()),
-            (Some("allow"), Some("api.example.com")),
-            "{l}"
-        );
+        assert_log(l, &[("decision", "allow"), ("name", "api.example.com")]);
     }
 }
 
@@ -435,11 +410,7 @@ fn post_quantum_hello_from_chromium_dripped() {
     assert_eq!(head[0], 0x16, "{head:?}");
     drop(s);
     let l = px.last_log(1);
-    assert_eq!(
-        (l["decision"].as_str(), l["name"].as_str()),
-        (Some("allow"), Some("www.example.org")),
-        "{l}"
-    );
+    assert_log(&l, &[("decision", "allow"), ("name", "www.example.org")]);
     assert_eq!(l["ech"], true, "GREASE ECH is marked: {l}");
 }
 
@@ -447,15 +418,11 @@ fn post_quantum_hello_from_chromium_dripped() {
 fn own_upstream_connection_coming_back_is_a_loop() {
     // Rules that forget to exclude the proxy: its upstream connection is
     // redirected back to it. The loop guard recognises its own socket.
-    let world = World::start();
-    world.redirect(15001, None);
-    let cfg = world.write_file(
-        "config.toml",
-        &format!("outbound_traffic_policy = \"ALLOW_ANY\"\n{PROXY_BASE}"),
-    );
-    let proxy = world.spawn_proxy(&["run", "-c", cfg.to_str().unwrap()]);
-    world.wait_tcp(&world.pod, "127.0.0.1:15001".parse().unwrap());
-    let mut px = Px { world, proxy };
+    let mut px = Px::start_unexcluded(&proxy_config(
+        "outbound_traffic_policy = \"ALLOW_ANY\"",
+        "",
+        "",
+    ));
     if let Ok(mut s) = px.world.pod_connect(sa(addr::API_V4, port::ECHO)) {
         let _ = s.write_all(b"x\n");
         s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
@@ -465,54 +432,17 @@ fn own_upstream_connection_coming_back_is_a_loop() {
     }
     // Stopped within a bounded number of hops: the client's flow, one pass back through the
     // proxy (let through: a single address match is not proof), and the second pass, reset.
-    let log = px.log(3);
-    assert!(
-        log.iter().any(|l| l["decision"] == "deny"
-            && l["reason"] == "loop"
-            && l["dst"] == "192.0.2.10:7000"),
-        "{log:?}"
-    );
-    std::thread::sleep(Duration::from_millis(500));
-    let lines = px.proxy.stdout().lines().count();
-    assert_eq!(lines, 3, "the loop went on: {}", px.proxy.stdout());
-    assert!(
-        px.world.upstream_accepts().is_empty(),
-        "nothing reached the upstream"
-    );
+    px.assert_loop_stopped(|dst| dst == "192.0.2.10:7000");
 }
 
 #[test]
 fn own_upstream_connection_coming_back_after_detection_is_a_loop() {
     // The same forgotten exclusion under REGISTRY_ONLY, on the path that reads the client's
     // hello first: each pass connects only after the hello, which the previous pass relays.
-    let world = World::start();
-    world.redirect(15001, None);
-    let cfg = world.write_file(
-        "config.toml",
-        &format!(
-            "{PROXY_BASE}
-{API}"
-        ),
-    );
-    let proxy = world.spawn_proxy(&["run", "-c", cfg.to_str().unwrap()]);
-    world.wait_tcp(&world.pod, "127.0.0.1:15001".parse().unwrap());
-    let mut px = Px { world, proxy };
+    let mut px = Px::start_unexcluded(&proxy_config("", "", API));
     let out = px.world.curl(&["https://api.example.com/"]);
     assert!(!out.success(), "a looping flow got an answer: {out:?}");
-    let log = px.log(3);
-    assert!(
-        log.iter().any(|l| l["decision"] == "deny"
-            && l["reason"] == "loop"
-            && l["dst"].as_str().is_some_and(|d| d.ends_with(":443"))),
-        "{log:?}"
-    );
-    std::thread::sleep(Duration::from_millis(500));
-    let lines = px.proxy.stdout().lines().count();
-    assert_eq!(lines, 3, "the loop went on: {}", px.proxy.stdout());
-    assert!(
-        px.world.upstream_accepts().is_empty(),
-        "nothing reached the upstream"
-    );
+    px.assert_loop_stopped(|dst| dst.ends_with(":443"));
 }
 
 /// Issue 16, point 1: a client whose source port NAT moved onto the local port of one of the
@@ -691,11 +621,7 @@ resolution = "NONE"
     let out = px.world.curl(&["-4", "-i", "http://api.example.com:8081/"]);
     assert!(out.ok().starts_with("HTTP/1.1 502 Bad Gateway"), "{out:?}");
     let l = px.last_log(1);
-    assert_eq!(
-        (l["decision"].as_str(), l["error"].as_str()),
-        (Some("allow"), Some("connect_refused")),
-        "{l}"
-    );
+    assert_log(&l, &[("decision", "allow"), ("error", "connect_refused")]);
     let out = px
         .world
         .s_client("192.0.2.10:9", &["-servername", "api.example.com"], b"");
@@ -729,10 +655,9 @@ endpoints = [{ address = "203.0.113.5", port = 8443 }]
         "{out:?}"
     );
     let l = px.last_log(1);
-    assert_eq!(
-        (l["dst"].as_str(), l["upstream"].as_str()),
-        (Some("192.0.2.10:443"), Some("203.0.113.5:8443")),
-        "{l}"
+    assert_log(
+        &l,
+        &[("dst", "192.0.2.10:443"), ("upstream", "203.0.113.5:8443")],
     );
 }
 
@@ -776,7 +701,10 @@ fn mark_exclusion_lets_a_root_proxy_out() {
     // The proxy runs as root (not proxy_uid): only the mark keeps its own
     // upstream connections out of the redirect. Without it they would loop.
     let world = World::start();
-    let cfg = world.write_file("config.toml", &format!("{PROXY_BASE}\nmark = 0x539\n{API}"));
+    let cfg = world.write_file(
+        "config.toml",
+        &proxy_config("", "", &format!("mark = 0x539\n{API}")),
+    );
     world.init(&cfg);
     // Count marked DNS queries: the resolver's sockets carry the mark too.
     world
@@ -796,11 +724,7 @@ fn mark_exclusion_lets_a_root_proxy_out() {
         .curl_as(APP_UID, APP_UID, &["-4", "https://api.example.com/"]);
     assert!(out.ok().contains("tls ok sni=api.example.com"), "{out:?}");
     let l = px.last_log(1);
-    assert_eq!(
-        (l["decision"].as_str(), l["upstream"].as_str()),
-        (Some("allow"), Some("192.0.2.10:443")),
-        "{l}"
-    );
+    assert_log(&l, &[("decision", "allow"), ("upstream", "192.0.2.10:443")]);
     let counters = px
         .world
         .run_pod(Cmd::new("iptables").args(["-L", "OUTPUT", "1", "-v", "-x", "-n"]));

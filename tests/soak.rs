@@ -25,27 +25,15 @@ use common::*;
 const FD_SLACK: usize = 40;
 const RSS_SLACK_MIB: u64 = 24;
 
-const CONFIG: &str = r#"
-[proxy]
-listen = ["127.0.0.1:15001", "[::1]:15001"]
-health = "127.0.0.1:15021"
-admin = "127.0.0.1:15000"
-hello_timeout = "1s"
-first_byte_timeout = "300ms"
-connect_timeout = "1s"
-idle_timeout = "30s"
-drain_min = "0s"
-drain_timeout = "2s"
+/// The proxy's config: short timeouts, an idle timeout, then [`ENTRIES`].
+fn config() -> String {
+    let proxy = "hello_timeout = \"1s\"\nconnect_timeout = \"1s\"\nidle_timeout = \"30s\"";
+    proxy_config("", proxy, ENTRIES)
+}
 
-[redirect]
-proxy_uid = 1337
-proxy_gid = 1337
-
-[[service_entry]]
-name = "api"
-hosts = ["api.example.com"]
-ports = [{ number = 443, protocol = "TLS" }, { number = 80, protocol = "HTTP" }]
-
+const ENTRIES: &str = concat!(
+    api_entry!(),
+    r#"
 [[service_entry]]
 name = "blackhole"
 hosts = ["blackhole.example.com"]
@@ -55,7 +43,8 @@ ports = [{ number = 443, protocol = "TLS" }]
 name = "backend"
 addresses = ["198.51.100.7/32"]
 ports = [{ number = 7000, protocol = "TCP" }, { number = 7003, protocol = "TCP" }, { number = 9000, protocol = "TCP" }]
-"#;
+"#
+);
 
 /// The kinds of flow in the mix; each must end the way it should.
 #[derive(Clone, Copy, Debug)]
@@ -392,7 +381,7 @@ fn soak_mixed_flows_leave_no_fds_or_memory_behind() {
         .unwrap_or(60.0);
     let world = World::start();
     world.redirect(15001, Some(PROXY_UID));
-    let cfg = world.write_file("config.toml", CONFIG);
+    let cfg = world.write_file("config.toml", &config());
     let mut proxy = world.spawn_proxy(&["run", "-c", cfg.to_str().unwrap()]);
     world.wait_tcp(&world.pod, "127.0.0.1:15001".parse().unwrap());
     world.wait_tcp(&world.pod, "127.0.0.1:15000".parse().unwrap());

@@ -20,17 +20,19 @@
 //! Everything is removed when the World drops, also when the test panics; the
 //! logs of every process the world started are printed on a panic.
 
-#![allow(dead_code, unused_imports)]
+#![allow(dead_code, unused_imports, unused_macros)]
 
 mod bulk;
 mod netns;
 mod pki;
 mod proc;
+mod proxy;
 
 pub use bulk::*;
 pub use netns::*;
 pub use pki::*;
 pub use proc::*;
+pub use proxy::*;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
@@ -139,9 +141,10 @@ fn must(cmd: Cmd) -> Output {
     out
 }
 
-const NS_SUFFIXES: [char; 3] = ['p', 'i', 'l'];
+/// pod, inet, lan of a world; `n` for a lone [`Netns`].
+const NS_SUFFIXES: [char; 4] = ['p', 'i', 'l', 'n'];
 
-/// Whether `ns` is a name this harness makes: pc<pid hex>x<counter hex><p|i|l>;
+/// Whether `ns` is a name this harness makes: pc<pid hex>x<counter hex><p|i|l|n>;
 /// returns the pid.
 fn harness_ns_pid(ns: &str) -> Option<u32> {
     let rest = ns.strip_prefix("pc")?;
@@ -312,6 +315,51 @@ pub struct World {
 
 static WORLD_SEQ: AtomicUsize = AtomicUsize::new(0);
 
+/// A name base no namespace of this process uses yet (`pc<pid>x<n>`, a suffix
+/// of [`NS_SUFFIXES`] to come); stale namespaces of dead test processes are
+/// swept first.
+fn fresh_base() -> String {
+    sweep_stale();
+    let pid = std::process::id();
+    let base = loop {
+        let n = WORLD_SEQ.fetch_add(1, Ordering::Relaxed);
+        let base = format!("pc{pid:x}x{n:x}");
+        let clash = NS_SUFFIXES.iter().any(|s| {
+            let ns = format!("{base}{s}");
+            netns_path(&ns).exists() || Path::new("/etc/netns").join(&ns).exists()
+        });
+        if !clash {
+            break base;
+        }
+    };
+    assert!(base.len() < 15, "namespace name too long: {base}");
+    base
+}
+
+/// A lone network namespace with only `lo` up, for tests that build their own
+/// topology (init_netns.rs). Named like a world's, so one a dead test process
+/// left is swept; on drop every process inside is killed and it is deleted.
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn new() -> Netns {
+        let ns = Netns {
+            name: format!("{}n", fresh_base()),
+        };
+        must(Cmd::new("ip").args(["netns", "add", &ns.name]));
+        must(Cmd::new("ip").args(["-n", &ns.name, "link", "set", "lo", "up"]));
+        ns
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        destroy_ns(&self.name);
+    }
+}
+
 impl World {
     pub fn builder() -> WorldBuilder {
         WorldBuilder {
@@ -329,20 +377,7 @@ impl World {
 
     fn start_with(b: WorldBuilder) -> World {
         let t0 = Instant::now();
-        sweep_stale();
-        let pid = std::process::id();
-        let base = loop {
-            let n = WORLD_SEQ.fetch_add(1, Ordering::Relaxed);
-            let base = format!("pc{pid:x}x{n:x}");
-            let clash = NS_SUFFIXES.iter().any(|s| {
-                let ns = format!("{base}{s}");
-                netns_path(&ns).exists() || Path::new("/etc/netns").join(&ns).exists()
-            });
-            if !clash {
-                break base;
-            }
-        };
-        assert!(base.len() < 15, "namespace name too long: {base}");
+        let base = fresh_base();
         let dir = std::env::temp_dir().join(format!("portcullis-{base}"));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("create world dir");
