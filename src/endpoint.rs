@@ -25,7 +25,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::config::ProxySettings;
 use crate::metrics::{EndpointLabels, ListenerLabel};
-use crate::proxy::Shared;
+use crate::state::Shared;
 
 /// How many connections one listener holds at once, in total and per peer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

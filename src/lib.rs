@@ -1,40 +1,60 @@
 //! portcullis: a transparent egress proxy.
 //!
-//! The life of a flow, stage by stage, and where each lives:
-//! - `proxy` (accept loop, limits) -> `sys::original_dst` and the loop guard
-//!   -> `detect` (ClientHello SNI, HTTP Host, opaque) -> `registry` (the pure
-//!   decision) -> `proxy::upstream` (resolve, connect) -> `relay` (splice)
-//!   or `proxy::deny` -> `access_log` and `metrics`; `proxy::flow` strings
-//!   the stages together for one connection.
-//! - `config`: the TOML file becomes a validated [`config::Config`];
-//!   `reload` swaps it at run time; `admin` serves health, metrics, config
-//!   and the recently denied flows, `endpoint` bounds and serves its
-//!   listeners; `page` the traffic page and `/api/` (and `portcullis
-//!   status`); `server` is `portcullis run`.
-//! - `name`, `net`: names and addresses as every stage sees them;
-//! - `explain`: the decision rendered for an operator;
-//! - `import`: Istio ServiceEntry YAML to entries (`portcullis import`, `include`).
+//! The data path, the life of a flow stage by stage (`proxy::flow` strings
+//! the stages together for one connection):
+//! - accept: `proxy` (listeners, accept loop), reading `state` (the shared
+//!   state: config generation, limits, dialer, pipes, revocations);
+//! - detect: `sys::original_dst`, then `detect` (ClientHello SNI, HTTP Host,
+//!   opaque);
+//! - decide: `registry` (the pure decision);
+//! - connect: `proxy::upstream` (resolve, connect, the loop guard) or
+//!   `proxy::deny`;
+//! - relay: `relay` (splice), until the flow ends or `drain::closed` (a
+//!   revocation, the end of a drain) cuts it;
+//! - log: `access_log`, `metrics` and `denied` (the recently denied flows).
+//!
+//! `name` and `net` are names and addresses as every stage sees them;
+//! `config` turns the TOML file into a validated [`config::Config`].
+//!
+//! The control side, apart from the data path (it reads and sets `state`
+//! and the revocations `drain` waits on; the data path never calls it):
+//! `reload` swaps the config in at run time; `admin` serves health,
+//! metrics, config and the recently denied flows, `endpoint` bounds and
+//! serves its listeners; `page` the traffic page and `/api/`; `server` is
+//! `portcullis run`.
+//!
+//! The CLI commands: `init` (the redirect rules), `explain` (the decision
+//! rendered for an operator), `import` (Istio ServiceEntry YAML to entries,
+//! also `include`), `page::status`, `wait`, `host_mode` (`run --redirect`).
 
 // Denied, not forbidden: `sys::reset_on_close` holds the one allowed block.
 #![deny(unsafe_code)]
 
+// The data path (its order is in the overview above).
 pub mod access_log;
-pub mod admin;
 pub mod config;
+pub mod denied;
 pub mod detect;
+pub mod drain;
+pub mod metrics;
+pub mod name;
+pub mod net;
+pub mod proxy;
+pub mod registry;
+pub mod relay;
+pub mod state;
+pub mod sys;
+
+// The control side.
+pub mod admin;
 pub mod endpoint;
+pub mod page;
+pub mod reload;
+pub mod server;
+
+// The CLI commands.
 pub mod explain;
 pub mod host_mode;
 pub mod import;
 pub mod init;
-pub mod metrics;
-pub mod name;
-pub mod net;
-pub mod page;
-pub mod proxy;
-pub mod registry;
-pub mod relay;
-pub mod reload;
-pub mod server;
-pub mod sys;
 pub mod wait;

@@ -20,42 +20,16 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use serde::Serialize;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::config::Config;
 use crate::metrics::ResultLabel;
-use crate::proxy::{Generation, Shared};
+use crate::state::{Generation, Revocation, Shared};
 
 pub enum Trigger {
     Signal,
     FileChanged,
-}
-
-/// What `/config` reports about reloads.
-#[derive(Clone, Debug, Default, Serialize)]
-pub struct ReloadStatus {
-    pub last_reload: Option<String>,
-    pub last_result: Option<&'static str>,
-    pub last_error: Option<String>,
-    /// Keys changed in the file that take effect only after a restart (the
-    /// running values stay in force and are what `/config` shows).
-    pub restart_required: Vec<String>,
-    /// The rules `portcullis init` installed no longer match the config
-    /// (policy or audit changed the non-TCP filter, or `[redirect]` changed).
-    pub rerun_init: bool,
-}
-
-/// Flows to close from outside the relay: those of entries a reload removed
-/// (`revoke_on_reload`), each at its deadline, and, at the end of a drain,
-/// every flow.
-#[derive(Clone, Debug, Default)]
-pub struct Revocation {
-    /// entry name -> when its flows are closed
-    pub deadlines: Arc<HashMap<String, Instant>>,
-    /// the drain is over: every flow is closed at this instant
-    pub all: Option<Instant>,
 }
 
 /// What identifies the file's current contents without reading it.
@@ -338,64 +312,6 @@ pub fn reload(shared: &Arc<Shared>, path: &Path, why: &str) {
     tracing::info!(trigger = why, entries, "config reloaded");
 }
 
-/// Closes every flow at `at` (the end of a drain).
-pub fn close_all(shared: &Shared, at: Instant) {
-    let prev = shared.revocations().borrow().clone();
-    shared.revoke(Revocation {
-        deadlines: prev.deadlines,
-        all: Some(at),
-    });
-}
-
-/// Resolves when an established flow of `entry` must be closed from outside
-/// its relay; says why. Never resolves for a flow nobody revokes.
-pub async fn closed(shared: &Shared, entry: &str) -> &'static str {
-    let mut rx = shared.revocations();
-    loop {
-        let r = rx.borrow_and_update().clone();
-        let deadline = match (r.all, r.deadlines.get(entry)) {
-            (Some(a), Some(d)) => Some((a.min(*d), a <= *d)),
-            (Some(a), None) => Some((a, true)),
-            (None, Some(d)) => Some((*d, false)),
-            (None, None) => None,
-        };
-        match deadline {
-            Some((at, all)) => {
-                tokio::select! {
-                    () = tokio::time::sleep_until(at) => {
-                        if all {
-                            return "closed: drain_timeout passed at shutdown";
-                        }
-                        // Defensive: a newer generation may have the entry again.
-                        let back = shared
-                            .generation()
-                            .config()
-                            .entries
-                            .iter()
-                            .any(|e| e.name == entry);
-                        if !back {
-                            return "revoked: a reload removed the entry";
-                        }
-                        if rx.changed().await.is_err() {
-                            std::future::pending::<()>().await;
-                        }
-                    }
-                    ch = rx.changed() => {
-                        if ch.is_err() {
-                            std::future::pending::<()>().await;
-                        }
-                    }
-                }
-            }
-            None => {
-                if rx.changed().await.is_err() {
-                    std::future::pending::<()>().await;
-                }
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -517,7 +433,7 @@ mod tests {
         let config = Arc::new(cfg(&text));
         let shared = Shared::new(config.clone()).unwrap();
         let old = shared.generation();
-        crate::proxy::spawn_tcp_resolution(shared.clone(), old.clone());
+        crate::state::spawn_tcp_resolution(shared.clone(), old.clone());
         let ip: std::net::IpAddr = "192.0.2.10".parse().unwrap();
         let t0 = Instant::now();
         while !old.resolved.contains(0, ip) {

@@ -10,7 +10,8 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::time::Instant;
 
 use crate::config::Config;
-use crate::proxy::{accept_loop, bind_listeners, spawn_tcp_resolution, Shared};
+use crate::proxy::{accept_loop, bind_listeners};
+use crate::state::{spawn_tcp_resolution, Shared};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -140,7 +141,7 @@ async fn drain(
             active = active(),
             "drain over: closing the flows still open"
         );
-        crate::reload::close_all(shared, Instant::now());
+        crate::drain::close_all(shared, Instant::now());
         // Each closed flow writes its access-log line as it ends.
         let until = Instant::now() + Duration::from_secs(1);
         while active() > 0 && Instant::now() < until {

@@ -31,9 +31,10 @@ use axum::Router;
 use serde::{Deserialize, Serialize};
 
 use crate::access_log::timestamp;
-use crate::admin::{denied_toml_blocks, DeniedRecord, DENIED_MAX};
+use crate::admin::denied_toml_blocks;
+use crate::denied::{DeniedRecord, DENIED_MAX};
 use crate::metrics::{BytesLabels, ConnLabels, EntryLabel};
-use crate::proxy::Shared;
+use crate::state::Shared;
 
 /// How often the sampler reads the counters.
 pub const INTERVAL: Duration = Duration::from_secs(5);
@@ -484,7 +485,7 @@ pub struct Summary {
     active: u64,
     max_connections: u64,
     reload_ok: bool,
-    reload: crate::reload::ReloadStatus,
+    reload: crate::state::ReloadStatus,
     totals: Totals,
     entries: Vec<EntrySummary>,
     series: SeriesSummary,
@@ -770,7 +771,7 @@ pub async fn host_guard(req: Request, next: Next) -> Response {
 mod tests {
     use super::*;
     use crate::access_log::FlowRecord;
-    use crate::admin::Denied;
+    use crate::denied::Denied;
 
     fn flow(
         name: Option<&str>,

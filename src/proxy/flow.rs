@@ -17,9 +17,9 @@ use crate::metrics::ConnLabels;
 use crate::net::{canonical_addr, OrigDst};
 use crate::proxy::deny;
 use crate::proxy::upstream::{ConnectError, Hop, LOOP_HOPS};
-use crate::proxy::{Generation, Shared};
 use crate::registry::{Decision, DetectPlan, FlowFacts, FlowProtocol, Reason, Registry, Verdict};
 use crate::relay::{Counters, Direction, RelayEnd};
+use crate::state::{Generation, Shared};
 
 /// What detection learnt from the client's first bytes.
 struct Detection {
@@ -607,11 +607,11 @@ where
     F: Fn(Direction, u64) + Send + Sync,
 {
     // Closed from outside: revoke_on_reload (a reload removed the entry) or
-    // the end of a drain (see reload::closed). Both sides are reset, not
+    // the end of a drain (see drain::closed). Both sides are reset, not
     // closed with FIN: a FIN would tell the client that a cut stream ended.
     let fds = (client.as_raw_fd(), upstream.as_raw_fd());
     let closed = async {
-        let why = crate::reload::closed(shared, entry).await;
+        let why = crate::drain::closed(shared, entry).await;
         for fd in [fds.0, fds.1] {
             // Both sockets are owned by the relay future of the select! below, which
             // is alive (not yet dropped) while this branch is polled; dropping it

@@ -22,9 +22,9 @@ use super::{
     connect_failed, match_entry, upstream_addrs, verdict, Explicit, PrefixedIo, Target, XFlow,
 };
 use crate::proxy::upstream::{ConnectError, Connected};
-use crate::proxy::Shared;
 use crate::registry::{Decision, FlowProtocol, Reason};
 use crate::relay::Counters;
+use crate::state::Shared;
 
 type Body = UnsyncBoxBody<Bytes, hyper::Error>;
 
@@ -62,7 +62,7 @@ pub async fn serve(
                 tracing::debug!(error = %e, "explicit HTTP connection ended");
             }
         }
-        why = crate::reload::closed(&shared, "") => {
+        why = crate::drain::closed(&shared, "") => {
             tracing::debug!(why, "explicit HTTP connection closed");
         }
     }
