@@ -51,6 +51,34 @@ pub struct FlowRecord {
     pub reset_by: Option<&'static str>,
 }
 
+impl FlowRecord {
+    /// A record for a flow from `client` arriving in `mode` (`transparent` or
+    /// `explicit`), with nothing known yet: opaque TCP, denied until a
+    /// verdict says otherwise, no bytes, no error. Every path starts from
+    /// here and sets what it learns.
+    pub fn new(client: SocketAddr, mode: &'static str) -> FlowRecord {
+        FlowRecord {
+            ts: String::new(),
+            client: crate::net::canonical_addr(client),
+            dst: None,
+            upstream: None,
+            protocol: "tcp",
+            name: None,
+            decision: "deny",
+            entry: None,
+            reason: None,
+            ech: false,
+            bytes_up: 0,
+            bytes_down: 0,
+            duration_ms: 0,
+            error: None,
+            mode,
+            authority: None,
+            reset_by: None,
+        }
+    }
+}
+
 /// Queue capacity: enough for bursts of short flows while the reader is slow
 /// (at most a few MB of memory).
 pub const QUEUE: usize = 8192;
@@ -351,22 +379,13 @@ mod tests {
     fn record(i: u64) -> FlowRecord {
         FlowRecord {
             ts: timestamp(SystemTime::now()),
-            client: "192.0.2.2:40000".parse().unwrap(),
             dst: Some("192.0.2.10:443".parse().unwrap()),
-            upstream: None,
             protocol: "tls",
             name: Some("api.example.com".into()),
             decision: "allow",
             entry: Some("api".into()),
-            reason: None,
-            ech: false,
             bytes_up: i,
-            bytes_down: 0,
-            duration_ms: 0,
-            error: None,
-            mode: "transparent",
-            authority: None,
-            reset_by: None,
+            ..FlowRecord::new("192.0.2.2:40000".parse().unwrap(), "transparent")
         }
     }
 

@@ -781,23 +781,12 @@ mod tests {
         decision: &'static str,
     ) -> FlowRecord {
         FlowRecord {
-            ts: String::new(),
-            client: "192.0.2.2:40000".parse().unwrap(),
             dst: Some(std::net::SocketAddr::new(ip.parse().unwrap(), port)),
-            upstream: None,
             protocol,
             name: name.map(str::to_string),
             decision,
-            entry: None,
             reason: Some("not_in_registry"),
-            ech: false,
-            bytes_up: 0,
-            bytes_down: 0,
-            duration_ms: 0,
-            error: None,
-            mode: "transparent",
-            authority: None,
-            reset_by: None,
+            ..FlowRecord::new("192.0.2.2:40000".parse().unwrap(), "transparent")
         }
     }
 

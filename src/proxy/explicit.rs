@@ -24,7 +24,6 @@ use tokio::net::{TcpListener, TcpStream};
 use crate::access_log::{timestamp, FlowRecord};
 use crate::config::{PortProtocol, Resolution};
 use crate::detect::{Detector, Protocol, Step};
-use crate::metrics::ConnLabels;
 use crate::name::{normalize, Presented};
 use crate::net::{canonical_addr, canonical_ip, OrigDst};
 use crate::proxy::deny;
@@ -159,6 +158,18 @@ async fn accept_loop(shared: Arc<Shared>, ctx: Arc<Explicit>, listener: TcpListe
     }
 }
 
+/// Connects to `addrs` within what is left of the flow's `connect_timeout`
+/// (resolution took the rest). Explicit upstreams start at hop 0: they are
+/// never a redirected flow coming back.
+async fn dial<'a>(
+    shared: &'a Shared,
+    addrs: &[SocketAddr],
+    deadline: tokio::time::Instant,
+) -> Result<crate::proxy::upstream::Connected<'a>, ConnectError> {
+    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+    shared.dialer.connect(addrs, left, 0).await
+}
+
 /// A deny verdict that no policy turns into a pass-through.
 fn refused(reason: Reason) -> Verdict {
     Verdict {
@@ -189,23 +200,10 @@ impl XFlow {
         XFlow {
             started: Instant::now(),
             rec: FlowRecord {
-                ts: String::new(),
-                client: canonical_addr(client),
                 dst,
-                upstream: None,
-                protocol: "tcp",
                 name,
-                decision: "deny",
-                entry: None,
-                reason: None,
-                ech: false,
-                bytes_up: 0,
-                bytes_down: 0,
-                duration_ms: 0,
-                error: None,
-                mode: "explicit",
                 authority,
-                reset_by: None,
+                ..FlowRecord::new(client, "explicit")
             },
             counted: false,
         }
@@ -213,23 +211,7 @@ impl XFlow {
 
     /// Records the verdict and counts the request in `portcullis_connections_total`.
     pub(crate) fn decided(&mut self, shared: &Shared, reg: &Registry, v: &Verdict) {
-        self.rec.decision = v.decision.as_str();
-        self.rec.reason = v.reason.map(|r| r.as_str());
-        let label = reg.entry_label(v).to_string();
-        self.rec.entry = v.entry.map(|_| label.clone());
-        if !self.counted {
-            self.counted = true;
-            shared
-                .metrics
-                .connections
-                .get_or_create(&ConnLabels {
-                    decision: v.decision.as_str(),
-                    protocol: self.rec.protocol,
-                    entry: label,
-                    reason: v.reason.map(|r| r.as_str()).unwrap_or(""),
-                })
-                .inc();
-        }
+        super::flow::record_verdict(shared, reg, v, &mut self.rec, &mut self.counted);
     }
 
     pub(crate) fn finish(mut self, shared: &Shared, up: u64, down: u64) {
@@ -627,15 +609,7 @@ async fn connect(
                 }
             };
             flow.decided(shared, reg, &v);
-            let up = match shared
-                .dialer
-                .connect(
-                    &addrs,
-                    deadline.saturating_duration_since(tokio::time::Instant::now()),
-                    0,
-                )
-                .await
-            {
+            let up = match dial(shared, &addrs, deadline).await {
                 Ok(c) => c,
                 Err(e) => {
                     connect_failed(shared, reg, &v, &mut flow, &e);
@@ -834,15 +808,7 @@ async fn tunnel_detect(
         }
     };
     flow.decided(shared, reg, &v);
-    let up = match shared
-        .dialer
-        .connect(
-            &addrs,
-            deadline.saturating_duration_since(tokio::time::Instant::now()),
-            0,
-        )
-        .await
-    {
+    let up = match dial(shared, &addrs, deadline).await {
         Ok(c) => c,
         Err(e) => {
             connect_failed(shared, reg, &v, &mut flow, &e);

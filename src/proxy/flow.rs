@@ -57,25 +57,7 @@ impl Flow {
     fn new(client: SocketAddr) -> Flow {
         Flow {
             started: Instant::now(),
-            rec: FlowRecord {
-                ts: String::new(),
-                client: canonical_addr(client),
-                dst: None,
-                upstream: None,
-                protocol: "tcp",
-                name: None,
-                decision: "deny",
-                entry: None,
-                reason: None,
-                ech: false,
-                bytes_up: 0,
-                bytes_down: 0,
-                duration_ms: 0,
-                error: None,
-                mode: "transparent",
-                authority: None,
-                reset_by: None,
-            },
+            rec: FlowRecord::new(client, "transparent"),
             counted: false,
             hop: 0,
         }
@@ -89,23 +71,7 @@ impl Flow {
 
     /// Records the verdict and counts the flow in `portcullis_connections_total`.
     fn decided(&mut self, shared: &Shared, reg: &Registry, v: &Verdict) {
-        self.rec.decision = v.decision.as_str();
-        self.rec.reason = v.reason.map(|r| r.as_str());
-        let label = reg.entry_label(v).to_string();
-        self.rec.entry = v.entry.map(|_| label.clone());
-        if !self.counted {
-            self.counted = true;
-            shared
-                .metrics
-                .connections
-                .get_or_create(&ConnLabels {
-                    decision: v.decision.as_str(),
-                    protocol: self.rec.protocol,
-                    entry: label,
-                    reason: v.reason.map(|r| r.as_str()).unwrap_or(""),
-                })
-                .inc();
-        }
+        record_verdict(shared, reg, v, &mut self.rec, &mut self.counted);
     }
 
     fn finish(mut self, shared: &Shared, counters: &Counters) {
@@ -589,6 +555,36 @@ async fn write_and_relay(
     .await;
     flow.rec.error = error;
     flow.rec.reset_by = reset_by;
+}
+
+/// Writes a verdict into a flow's record and counts the flow once in
+/// `portcullis_connections_total` (a later verdict, e.g. after a failed
+/// connect, updates the record but is not counted again). Shared by the
+/// transparent flow and the explicit proxy's requests.
+pub(crate) fn record_verdict(
+    shared: &Shared,
+    reg: &Registry,
+    v: &Verdict,
+    rec: &mut FlowRecord,
+    counted: &mut bool,
+) {
+    rec.decision = v.decision.as_str();
+    rec.reason = v.reason.map(|r| r.as_str());
+    let label = reg.entry_label(v).to_string();
+    rec.entry = v.entry.map(|_| label.clone());
+    if !*counted {
+        *counted = true;
+        shared
+            .metrics
+            .connections
+            .get_or_create(&ConnLabels {
+                decision: v.decision.as_str(),
+                protocol: rec.protocol,
+                entry: label,
+                reason: v.reason.map(|r| r.as_str()).unwrap_or(""),
+            })
+            .inc();
+    }
 }
 
 /// Relays a decided flow (transparent, or an explicit tunnel) until it ends

@@ -128,24 +128,11 @@ fn overload(shared: &Shared, stream: tokio::net::TcpStream, peer: SocketAddr) {
     deny::reset(stream);
     shared.log(&FlowRecord {
         ts: timestamp(std::time::SystemTime::now()),
-        client: crate::net::canonical_addr(peer),
-        dst: None,
-        upstream: None,
-        protocol: "tcp",
-        name: None,
-        decision: "deny",
-        entry: None,
         reason: Some("overload"),
-        ech: false,
-        bytes_up: 0,
-        bytes_down: 0,
-        duration_ms: 0,
         error: Some(format!(
             "max_connections ({}) reached",
             shared.max_connections
         )),
-        mode: "transparent",
-        authority: None,
-        reset_by: None,
+        ..FlowRecord::new(peer, "transparent")
     });
 }
