@@ -64,6 +64,7 @@ def metrics(results):
             (f"{name}: p50 TTFB", ("churn", c, "p50_us"), "µs", False),
             (f"{name}: p99 TTFB", ("churn", c, "p99_us"), "µs", False),
             (f"{name}: p99.9 TTFB", ("churn", c, "p999_us"), "µs", False),
+            (f"{name}: proxy CPU per flow", ("churn", c, "proxy_cpu_us_per_flow"), "µs", False),
         ]
     rows.append(("idle flows: proxy RSS per flow", ("memory", "kib_per_flow"), "KiB", False))
     rows.append(("idle flows: proxy fds per flow", ("memory", "fds_per_flow"), "fds", False))

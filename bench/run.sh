@@ -598,9 +598,22 @@ churn() { # churn TARGET -> JSON object of cases
       local args
       if [ $kind = tls ]; then args=(--target "$UP_IP:443" --hello "$HELLO")
       else args=(--target "$UP_IP:80" --http-host files.example.com); fi
-      local res
+      local res p0 p1
+      p0=$(tree_cpu "$PROXY_PID")
       res=$(in_c timeout $((CHURN_SECS + 60)) "$PCB" churn "${args[@]}" --concurrency "$c" \
         --duration "$CHURN_SECS" --warmup 1 2>>"$RUN_DIR/churn.err") || res=null
+      p1=$(tree_cpu "$PROXY_PID")
+      # The proxy's CPU (user + system) per completed flow, warm-up included: less sensitive to
+      # the machine's load than the rate.
+      [ "$res" = null ] || res=$(python3 - "$res" "$p0" "$p1" "$(getconf CLK_TCK)" <<'EOF'
+import json, sys
+r = json.loads(sys.argv[1])
+p0, p1, hz = map(float, sys.argv[2:5])
+n = r.get("all_flows") or 0
+r["proxy_cpu_us_per_flow"] = round((p1 - p0) / hz * 1e6 / n, 1) if n and p1 > 0 else None
+print(json.dumps(r))
+EOF
+)
       [ $first = 1 ] || printf ','
       first=0
       printf '"%s_c%s":%s' "$kind" "$c" "$res"

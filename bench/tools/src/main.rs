@@ -326,11 +326,15 @@ async fn churn(opts: Opts) {
     let measure_from = start + warmup;
     let stop = measure_from + duration;
     let errors = Arc::new(AtomicU64::new(0));
+    // Every flow that completed, warm-up included: the proxy's CPU over the whole run divided
+    // by this is its CPU per flow (bench/run.sh).
+    let completed = Arc::new(AtomicU64::new(0));
     let first_error = Arc::new(std::sync::Mutex::new(None::<String>));
     let mut tasks = Vec::new();
     for _ in 0..conc {
         let payload = payload.clone();
         let errors = errors.clone();
+        let completed = completed.clone();
         let first_error = first_error.clone();
         tasks.push(tokio::spawn(async move {
             let mut lat: Vec<u32> = Vec::with_capacity(1 << 16);
@@ -341,7 +345,11 @@ async fn churn(opts: Opts) {
                 if t >= stop {
                     break;
                 }
-                match one_flow(bind, target, &payload, &mut buf).await {
+                let r = one_flow(bind, target, &payload, &mut buf).await;
+                if r.is_ok() {
+                    completed.fetch_add(1, Ordering::Relaxed);
+                }
+                match r {
                     Ok((d, all)) if t >= measure_from => {
                         lat.push(d.as_micros().min(u32::MAX as u128) as u32);
                         total.push(all.as_micros().min(u32::MAX as u128) as u32);
@@ -378,7 +386,7 @@ async fn churn(opts: Opts) {
     all.sort_unstable();
     let fe = first_error.lock().unwrap().clone();
     println!(
-        "{{\"flows\":{},\"secs\":{:.3},\"rate\":{:.1},\"p50_us\":{},\"p99_us\":{},\"p999_us\":{},\"max_us\":{},\"flow_p50_us\":{},\"flow_p99_us\":{},\"errors\":{},\"first_error\":{}}}",
+        "{{\"flows\":{},\"secs\":{:.3},\"rate\":{:.1},\"p50_us\":{},\"p99_us\":{},\"p999_us\":{},\"max_us\":{},\"flow_p50_us\":{},\"flow_p99_us\":{},\"errors\":{},\"first_error\":{},\"all_flows\":{}}}",
         all.len(),
         secs,
         all.len() as f64 / secs,
@@ -392,7 +400,8 @@ async fn churn(opts: Opts) {
         match fe {
             Some(e) => format!("\"{}\"", e.replace('\\', "\\\\").replace('"', "'")),
             None => "null".into(),
-        }
+        },
+        completed.load(Ordering::Relaxed),
     );
 }
 
