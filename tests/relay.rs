@@ -733,6 +733,50 @@ async fn plain_relay_entry_point() {
     assert_eq!((counters.up(), counters.down()), (3, 4));
 }
 
+/// Splice-auto: a short exchange (request, answer, a few messages each way) is copied and never
+/// takes a pipe from the pool; a burst larger than the small buffer goes through a pipe, and the
+/// bytes and counts are exact either way.
+#[tokio::test]
+async fn small_bursts_are_copied_large_ones_spliced() {
+    let _serial = SERIAL.lock().await;
+    let pool = PipePool::new(8, DEFAULT_PIPE_SIZE);
+    let mut w = world(SPLICE, &pool, LONG).await;
+    let mut buf = vec![0u8; 4096];
+    for round in 0..5u8 {
+        let ask = [round; 300];
+        w.client.write_all(&ask).await.unwrap();
+        w.server.read_exact(&mut buf[..300]).await.unwrap();
+        assert_eq!(&buf[..300], &ask[..]);
+        let answer = [round ^ 0xff; 100];
+        w.server.write_all(&answer).await.unwrap();
+        w.client.read_exact(&mut buf[..100]).await.unwrap();
+        assert_eq!(&buf[..100], &answer[..]);
+    }
+    assert_eq!(pool.created_total(), 0, "small bursts took no pipe");
+    // One large burst down: the server writes it all before the client reads anything.
+    let big = pattern(4 * MIB as usize);
+    let writer = {
+        let big = big.clone();
+        let mut server = w.server;
+        tokio::spawn(async move {
+            server.write_all(&big).await.unwrap();
+            server
+        })
+    };
+    let mut got = vec![0u8; big.len()];
+    w.client.read_exact(&mut got).await.unwrap();
+    assert!(got == big, "the large burst arrived intact");
+    assert!(pool.created_total() > 0, "a large burst is spliced");
+    let server = writer.await.unwrap();
+    drop(server);
+    w.client.shutdown().await.unwrap();
+    let end = ended(w.relay).await;
+    assert!(matches!(end, RelayEnd::Done), "{end}");
+    assert_eq!(w.counters.up(), 5 * 300);
+    assert_eq!(w.counters.down(), 5 * 100 + 4 * MIB);
+    assert_eq!(pool.in_use(), 0);
+}
+
 // --- throughput (informational) -----------------------------------------------------------
 
 fn cpu_seconds() -> f64 {
