@@ -173,17 +173,7 @@ fn init_tracing() {
 
 fn run_proxy(config: &std::path::Path) -> ExitCode {
     init_tracing();
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("portcullis: cannot start the runtime: {e}");
-            return ExitCode::from(1);
-        }
-    };
-    match rt.block_on(portcullis::server::run(config)) {
+    match portcullis::server::start(config) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("{e}");

@@ -10,7 +10,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::time::Instant;
 
 use crate::config::Config;
-use crate::proxy::{accept_loop, bind_listeners};
+use crate::proxy::{accept_loop, bind_worker_listeners};
 use crate::state::{spawn_tcp_resolution, Shared};
 
 #[derive(Debug, thiserror::Error)]
@@ -36,7 +36,58 @@ pub fn check_self_exclusion(cfg: &Config) -> Result<(), RunError> {
         .map_err(RunError::SelfExclusion)
 }
 
-/// Runs the proxy until SIGTERM/SIGINT and the drain that follows.
+/// `portcullis run`: builds the control runtime on this thread and runs the proxy on it until
+/// SIGTERM/SIGINT and the drain that follows (see [`run`]).
+pub fn start(path: &Path) -> Result<(), RunError> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| std::io::Error::new(e.kind(), format!("cannot start the runtime: {e}")))?;
+    rt.block_on(run(path))
+}
+
+/// How many worker runtimes carry the transparent flows: the CPUs this process may use
+/// (`available_parallelism` honours the affinity mask and the cgroup CPU quota), at least one.
+pub fn worker_count() -> usize {
+    std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+}
+
+/// Starts one worker thread per listener set, each running a single-threaded runtime that
+/// accepts on its own listeners and runs the flows it accepted to their end (docs/DESIGN.md,
+/// "Threads"). The workers live as long as the process.
+fn spawn_workers(
+    shared: &Arc<Shared>,
+    sets: Vec<Vec<std::net::TcpListener>>,
+) -> std::io::Result<()> {
+    for (i, set) in sets.into_iter().enumerate() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let shared = shared.clone();
+        std::thread::Builder::new()
+            .name(format!("portcullis-w{i}"))
+            .spawn(move || {
+                rt.block_on(async move {
+                    for l in set {
+                        match tokio::net::TcpListener::from_std(l) {
+                            Ok(l) => {
+                                tokio::spawn(accept_loop(shared.clone(), l));
+                            }
+                            Err(e) => {
+                                tracing::error!(error = %e, "worker cannot register a listener")
+                            }
+                        }
+                    }
+                    std::future::pending::<()>().await
+                })
+            })?;
+    }
+    Ok(())
+}
+
+/// Runs the proxy until SIGTERM/SIGINT and the drain that follows. The caller's runtime is the
+/// control side (signals, reload, admin, resolution, the explicit proxy); the transparent
+/// listeners get worker threads of their own ([`worker_count`]).
 pub async fn run(path: &Path) -> Result<(), RunError> {
     // Taken before reading, so an edit racing the start is seen as a change.
     let loaded = crate::reload::watch_state(path);
@@ -59,13 +110,14 @@ pub async fn run(path: &Path) -> Result<(), RunError> {
     };
     let shared = Shared::new(config.clone())?;
     if !config.proxy.listen.is_empty() {
-        let listeners = bind_listeners(&config.proxy.listen)?;
-        for l in listeners {
+        let workers = worker_count();
+        let sets = bind_worker_listeners(&config.proxy.listen, workers)?;
+        for l in sets.first().into_iter().flatten() {
             if let Ok(a) = l.local_addr() {
-                tracing::info!(addr = %a, "listening");
+                tracing::info!(addr = %a, workers, "listening");
             }
-            tokio::spawn(accept_loop(shared.clone(), l));
         }
+        spawn_workers(&shared, sets)?;
     }
     if !config.proxy.explicit_listen.is_empty() {
         crate::proxy::explicit::start(shared.clone(), &config.proxy.explicit_listen)?;

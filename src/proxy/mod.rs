@@ -58,18 +58,69 @@ pub(crate) fn ipv6_unavailable(addr: SocketAddr, e: &io::Error) -> bool {
 
 /// One listener; IPv6 is IPV6_V6ONLY.
 pub(crate) fn bind_one(addr: SocketAddr) -> io::Result<TcpListener> {
+    TcpListener::from_std(bind_std(addr, false)?)
+}
+
+/// One listening socket, not yet registered with any runtime; with `reuse_port`, more sockets
+/// can be bound to the same address (by this uid) and the kernel spreads new connections over
+/// them.
+fn bind_std(addr: SocketAddr, reuse_port: bool) -> io::Result<std::net::TcpListener> {
     let sock = Socket::new(
         Domain::for_address(addr),
         Type::STREAM.nonblocking().cloexec(),
         Some(Protocol::TCP),
     )?;
     sock.set_reuse_address(true)?;
+    if reuse_port {
+        sock.set_reuse_port(true)?;
+    }
     if addr.is_ipv6() {
         sock.set_only_v6(true)?;
     }
     sock.bind(&addr.into())?;
     sock.listen(4096)?;
-    TcpListener::from_std(std::net::TcpListener::from(sock))
+    Ok(sock.into())
+}
+
+/// Binds every `listen` address `workers` times with SO_REUSEPORT: one listener per address for
+/// each worker runtime, so that a flow is accepted, decided and relayed on one thread
+/// (docs/DESIGN.md, "Threads"). Returns the listeners of each worker (registered with no runtime yet: the
+/// worker does that). A port 0 is bound once and the others join the port it got. Failures as
+/// in [`bind_listeners`].
+pub fn bind_worker_listeners(
+    addrs: &[SocketAddr],
+    workers: usize,
+) -> io::Result<Vec<Vec<std::net::TcpListener>>> {
+    let workers = workers.max(1);
+    let mut out: Vec<Vec<std::net::TcpListener>> = (0..workers).map(|_| Vec::new()).collect();
+    let mut bound = 0;
+    for addr in addrs {
+        let first = match bind_std(*addr, true) {
+            Ok(l) => l,
+            Err(e) if ipv6_unavailable(*addr, &e) => {
+                tracing::warn!(%addr, error = %e, "IPv6 listener not bound (IPv6 disabled?): continuing without it");
+                continue;
+            }
+            Err(e) => {
+                return Err(io::Error::new(
+                    e.kind(),
+                    format!("cannot listen on {addr}: {e}"),
+                ))
+            }
+        };
+        let actual = first.local_addr()?;
+        out[0].push(first);
+        for w in out.iter_mut().skip(1) {
+            let l = bind_std(actual, true)
+                .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {actual}: {e}")))?;
+            w.push(l);
+        }
+        bound += 1;
+    }
+    if bound == 0 {
+        return Err(io::Error::other("no listen address could be bound"));
+    }
+    Ok(out)
 }
 
 /// Connection ids for the per-flow tracing span.

@@ -398,6 +398,10 @@ struct Inner {
     cache: Mutex<Cache>,
     in_flight: Mutex<HashMap<(String, Family), InFlight>>,
     slots: Semaphore,
+    /// The runtime the resolver was made on (the control runtime of `portcullis run`): every
+    /// lookup runs there, whichever worker's flow asked, so hickory's sockets and background
+    /// tasks all belong to one runtime (docs/DESIGN.md, "Threads").
+    home: Option<tokio::runtime::Handle>,
 }
 
 /// The proxy's resolver (docs/DESIGN.md §3 step 7).
@@ -467,6 +471,7 @@ impl Resolver {
                 cache: Mutex::new(Cache::default()),
                 in_flight: Mutex::new(HashMap::new()),
                 slots: Semaphore::new(MAX_IN_FLIGHT),
+                home: tokio::runtime::Handle::try_current().ok(),
             }),
         }
     }
@@ -623,7 +628,8 @@ impl Resolver {
         let (tx, rx) = watch::channel(None);
         let inner = self.inner.clone();
         let fam = key.1;
-        tokio::spawn(async move {
+        let home = inner.home.clone();
+        let lookup = async move {
             let outcome = match inner.slots.acquire().await {
                 Ok(_permit) => query(&inner, &key.0, fam).await,
                 Err(_) => Outcome::Failed("resolver closed".into()),
@@ -651,7 +657,11 @@ impl Resolver {
                 Err(p) => p.into_inner().remove(&key),
             };
             tx.send_replace(Some(outcome));
-        });
+        };
+        match home {
+            Some(h) => drop(h.spawn(lookup)),
+            None => drop(tokio::spawn(lookup)),
+        }
         rx
     }
 }
