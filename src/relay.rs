@@ -39,7 +39,7 @@ use std::net::Shutdown;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::pin::Pin;
 use std::str::FromStr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
@@ -504,6 +504,8 @@ struct Flow<'a, F> {
     epoch: Instant,
     /// Milliseconds from `epoch` to the last time bytes moved.
     last_ms: AtomicU64,
+    /// One direction has reached EOF (see [`Flow::last_eof`]).
+    one_eof: AtomicBool,
 }
 
 impl<'a, F: Fn(Direction, u64)> Flow<'a, F> {
@@ -513,7 +515,15 @@ impl<'a, F: Fn(Direction, u64)> Flow<'a, F> {
             on_bytes,
             epoch: Instant::now(),
             last_ms: AtomicU64::new(0),
+            one_eof: AtomicBool::new(false),
         }
+    }
+
+    /// Called at a direction's EOF: true when the other direction had reached it already, so
+    /// the flow ends now and its close(2) sends the FIN (both receive queues are empty: each was
+    /// read to EOF), and a shutdown(2) first would only cost a system call.
+    fn last_eof(&self) -> bool {
+        self.one_eof.swap(true, Ordering::Relaxed)
     }
 
     /// Records `n` bytes written to the destination of `dir`.
@@ -699,6 +709,18 @@ fn copy_first<F: Fn(Direction, u64)>(
     Ok(First::Moved { filled })
 }
 
+/// src reached EOF: passes it on to dst (shutdown of its write side), unless the flow ends here.
+fn eof<F: Fn(Direction, u64)>(
+    dst: &TcpStream,
+    dst_side: Side,
+    flow: &Flow<'_, F>,
+) -> Result<(), Fault> {
+    if flow.last_eof() {
+        return Ok(());
+    }
+    shutdown_write(dst).map_err(Fault::on(dst_side))
+}
+
 /// Writes all of `buf` to dst, awaiting writability.
 async fn write_all<F: Fn(Direction, u64)>(
     dst: &TcpStream,
@@ -744,7 +766,7 @@ async fn pump<F: Fn(Direction, u64)>(
             src.readable().await.map_err(Fault::on(src_side))?;
             if !bulky {
                 let filled = match copy_first(src, dst, dir, flow)? {
-                    First::Eof => return shutdown_write(dst).map_err(Fault::on(dst_side)),
+                    First::Eof => return eof(dst, dst_side, flow),
                     First::Empty => continue,
                     First::Moved { filled } => filled,
                     First::Left { rest, filled } => {
@@ -772,7 +794,7 @@ async fn pump<F: Fn(Direction, u64)>(
         let n = match got {
             Ok(0) => {
                 drop(carrier);
-                return shutdown_write(dst).map_err(Fault::on(dst_side));
+                return eof(dst, dst_side, flow);
             }
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {

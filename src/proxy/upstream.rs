@@ -327,12 +327,11 @@ impl Dialer {
             Ok(r) => r?,
             Err(_) => return Err(io::Error::new(io::ErrorKind::TimedOut, "connect timed out")),
         }
-        if let Some(e) = stream.take_error()? {
-            return Err(e);
+        // Writable: connected or failed. peer_addr (getpeername) says which in one call; only
+        // a failure pays a second one (SO_ERROR) for the reason the access log names.
+        if let Err(e) = stream.peer_addr() {
+            return Err(stream.take_error()?.unwrap_or(e));
         }
-        // Writable without an error can still mean "not connected" on some
-        // paths; peer_addr says for sure.
-        stream.peer_addr()?;
         self.own.connected(port, Instant::now());
         Ok(Connected {
             stream,
