@@ -770,7 +770,8 @@ async fn pump<F: Fn(Direction, u64)>(
                     First::Empty => continue,
                     First::Moved { filled } => filled,
                     First::Left { rest, filled } => {
-                        write_all(dst, &rest, dir, flow).await?;
+                        // Boxed, like the rest: rare, and it would grow every flow's future.
+                        Box::pin(write_all(dst, &rest, dir, flow)).await?;
                         filled
                     }
                 };
@@ -820,7 +821,7 @@ async fn pump<F: Fn(Direction, u64)>(
                     }
                 }
             }
-            Carrier::Buf(buf) => write_all(dst, &buf[..n], dir, flow).await?,
+            Carrier::Buf(buf) => Box::pin(write_all(dst, &buf[..n], dir, flow)).await?,
         }
     }
 }
