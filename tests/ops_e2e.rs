@@ -2040,3 +2040,50 @@ fn denied_toml_from_audit_pasted_lets_the_same_flows_pass_registry_only() {
     );
     assert!(out.stderr.contains("alert access denied"), "{out:?}");
 }
+
+// ------------------------------------------------------------ worker runtimes
+
+/// The proxy's worker threads (one single-threaded runtime each), by their names.
+fn worker_threads(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .filter(|name| name.starts_with("portcullis-w"))
+        .count()
+}
+
+/// One worker per CPU the process may use, each with its own listener on the `listen` address:
+/// under `taskset -c 0` one, unrestricted as many as this test may use. Flows held open at
+/// once, spread by the kernel over the workers' listeners, are all served.
+#[test]
+fn one_worker_runtime_and_listener_per_usable_cpu() {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let cases: [(&[&str], usize); 2] = [(&["taskset", "-c", "0"], 1), (&[], cpus)];
+    for (wrap, want) in cases {
+        let world = World::start();
+        let cfg = world.write_file("config.toml", &proxy_config("", "", BACKEND));
+        let ops = Ops::start_with(world, cfg, wrap);
+        assert_eq!(
+            worker_threads(ops.proxy.pid()),
+            want,
+            "{wrap:?}\n{}",
+            ops.proxy.logs(3000)
+        );
+        let listen: SocketAddr = LISTEN.parse().unwrap();
+        let listeners = tcp_listeners(ops.pod())
+            .into_iter()
+            .filter(|a| *a == listen)
+            .count();
+        assert_eq!(listeners, want, "{wrap:?}: listeners on {listen}");
+        let mut open: Vec<TcpStream> = (0..16)
+            .map(|_| {
+                ops.world
+                    .pod_connect(sa(addr::OTHER_V4, port::ECHO))
+                    .unwrap()
+            })
+            .collect();
+        for s in &mut open {
+            echo(s, 100);
+        }
+    }
+}
