@@ -246,7 +246,7 @@ fn main() -> ExitCode {
         Command::Check { config } => match load(&config) {
             Ok(cfg) => {
                 print!("{}", portcullis::explain::summary(&cfg));
-                if let Some(w) = portcullis::proxy::resolve::loopback_warning(&cfg.proxy) {
+                if let Some(w) = portcullis::upstream::resolve::loopback_warning(&cfg.proxy) {
                     println!("warning: {w}");
                 }
                 ExitCode::SUCCESS

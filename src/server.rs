@@ -31,7 +31,7 @@ pub fn check_self_exclusion(cfg: &Config) -> Result<(), RunError> {
     let mark_works = cfg
         .redirect
         .mark
-        .is_some_and(crate::proxy::upstream::mark_works);
+        .is_some_and(crate::upstream::mark_works);
     crate::config::check_self_exclusion(&cfg.redirect, euid, egid, mark_works)
         .map_err(RunError::SelfExclusion)
 }
@@ -57,7 +57,10 @@ pub async fn run(path: &Path) -> Result<(), RunError> {
         int: signal(SignalKind::interrupt())?,
         hup: signal(SignalKind::hangup())?,
     };
-    let shared = Shared::new(config.clone())?;
+    let shared = Shared::new(
+        config.clone(),
+        crate::endpoint::reserved_fds(&config.proxy),
+    )?;
     if !config.proxy.listen.is_empty() {
         let listeners = bind_listeners(&config.proxy.listen)?;
         for l in listeners {

@@ -27,7 +27,7 @@ use crate::detect::{Detector, Protocol, Step};
 use crate::name::{normalize, Presented};
 use crate::net::{canonical_addr, canonical_ip, OrigDst};
 use crate::proxy::deny;
-use crate::proxy::upstream::ConnectError;
+use crate::upstream::ConnectError;
 use crate::registry::{Decision, FlowProtocol, Reason, Registry, Upstream, Verdict};
 use crate::relay::{Counters, Direction};
 use crate::state::{Generation, Shared};
@@ -165,7 +165,7 @@ async fn dial<'a>(
     shared: &'a Shared,
     addrs: &[SocketAddr],
     deadline: tokio::time::Instant,
-) -> Result<crate::proxy::upstream::Connected<'a>, ConnectError> {
+) -> Result<crate::upstream::Connected<'a>, ConnectError> {
     let left = deadline.saturating_duration_since(tokio::time::Instant::now());
     shared.dialer.connect(addrs, left, 0).await
 }
@@ -633,7 +633,7 @@ async fn connect(
                 return;
             }
             let entry = reg.entry_label(&v).to_string();
-            let crate::proxy::upstream::Connected {
+            let crate::upstream::Connected {
                 stream,
                 addr: _,
                 guard: _guard,
@@ -822,7 +822,7 @@ async fn tunnel_detect(
     };
     flow.rec.upstream = Some(up.addr);
     let entry = reg.entry_label(&v).to_string();
-    let crate::proxy::upstream::Connected {
+    let crate::upstream::Connected {
         stream,
         addr: _,
         guard: _guard,

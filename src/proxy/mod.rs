@@ -5,8 +5,10 @@
 pub mod deny;
 pub mod explicit;
 pub mod flow;
-pub mod resolve;
-pub mod upstream;
+
+// The connect stage is `crate::upstream` (it sits beside `state`, which holds
+// its dialer); this name keeps `proxy::upstream::...` paths working.
+pub use crate::upstream;
 
 use std::io;
 use std::net::SocketAddr;

@@ -21,7 +21,7 @@ use tokio::net::TcpStream;
 use super::{
     connect_failed, match_entry, upstream_addrs, verdict, Explicit, PrefixedIo, Target, XFlow,
 };
-use crate::proxy::upstream::{ConnectError, Connected};
+use crate::upstream::{ConnectError, Connected};
 use crate::registry::{Decision, FlowProtocol, Reason};
 use crate::relay::Counters;
 use crate::state::Shared;
