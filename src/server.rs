@@ -28,10 +28,7 @@ pub enum RunError {
 pub fn check_self_exclusion(cfg: &Config) -> Result<(), RunError> {
     let euid = nix::unistd::geteuid().as_raw();
     let egid = nix::unistd::getegid().as_raw();
-    let mark_works = cfg
-        .redirect
-        .mark
-        .is_some_and(crate::upstream::mark_works);
+    let mark_works = cfg.redirect.mark.is_some_and(crate::upstream::mark_works);
     crate::config::check_self_exclusion(&cfg.redirect, euid, egid, mark_works)
         .map_err(RunError::SelfExclusion)
 }
@@ -57,10 +54,7 @@ pub async fn run(path: &Path) -> Result<(), RunError> {
         int: signal(SignalKind::interrupt())?,
         hup: signal(SignalKind::hangup())?,
     };
-    let shared = Shared::new(
-        config.clone(),
-        crate::endpoint::reserved_fds(&config.proxy),
-    )?;
+    let shared = Shared::new(config.clone(), crate::endpoint::reserved_fds(&config.proxy))?;
     if !config.proxy.listen.is_empty() {
         let listeners = bind_listeners(&config.proxy.listen)?;
         for l in listeners {

@@ -24,9 +24,9 @@ use crate::access_log::{AccessLogger, FlowRecord};
 use crate::config::{Config, MaxConnections};
 use crate::denied::Denied;
 use crate::metrics::Metrics;
-use crate::upstream::{Dialer, Resolved, Resolver};
 use crate::registry::{Registry, ResolvedAddrs};
 use crate::relay::{PipePool, RelayMode};
+use crate::upstream::{Dialer, Resolved, Resolver};
 
 /// Addresses of DNS-resolved TCP entries, refreshed in the background.
 pub struct TcpResolved {

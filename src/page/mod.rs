@@ -31,7 +31,7 @@ use axum::Router;
 use serde::{Deserialize, Serialize};
 
 use crate::access_log::timestamp;
-use crate::admin::denied_toml_blocks;
+use crate::denied::denied_toml_blocks;
 use crate::denied::{DeniedRecord, DENIED_MAX};
 use crate::metrics::{BytesLabels, ConnLabels, EntryLabel};
 use crate::state::Shared;
@@ -831,7 +831,7 @@ mod tests {
             "deny",
         ));
         let recs = d.snapshot();
-        let all_toml = crate::admin::denied_toml(&recs, &cfg);
+        let all_toml = crate::denied::denied_toml(&recs, &cfg);
 
         let page = denied_page(&recs, &cfg, &DeniedQuery::default());
         assert_eq!((page.held, page.names_total, page.matched), (5, 4, 4));

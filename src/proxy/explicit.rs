@@ -27,10 +27,10 @@ use crate::detect::{Detector, Protocol, Step};
 use crate::name::{normalize, Presented};
 use crate::net::{canonical_addr, canonical_ip, OrigDst};
 use crate::proxy::deny;
-use crate::upstream::ConnectError;
 use crate::registry::{Decision, FlowProtocol, Reason, Registry, Upstream, Verdict};
 use crate::relay::{Counters, Direction};
 use crate::state::{Generation, Shared};
+use crate::upstream::ConnectError;
 
 /// Largest CONNECT / first request head read by hand (the rest is hyper's).
 pub const MAX_CONNECT_HEAD: usize = 16 * 1024;

@@ -21,10 +21,10 @@ use tokio::net::TcpStream;
 use super::{
     connect_failed, match_entry, upstream_addrs, verdict, Explicit, PrefixedIo, Target, XFlow,
 };
-use crate::upstream::{ConnectError, Connected};
 use crate::registry::{Decision, FlowProtocol, Reason};
 use crate::relay::Counters;
 use crate::state::Shared;
+use crate::upstream::{ConnectError, Connected};
 
 type Body = UnsyncBoxBody<Bytes, hyper::Error>;
 
