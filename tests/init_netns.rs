@@ -37,6 +37,9 @@ trait InitNs {
     fn init(&self, resolv: &Path, args: &[&str]) -> Output;
     /// [`InitNs::init`], which must succeed; its stdout.
     fn init_ok(&self, resolv: &Path, args: &[&str]) -> String;
+    /// Writes `resolv` (resolv.conf) and `config`, runs `init --dry-run`,
+    /// then applies them with `init`; what the dry run printed.
+    fn apply(&self, resolv: &str, config: &str) -> String;
     /// `iptables-save` (or ip6tables-save), nft backend.
     fn save(&self, v6: bool) -> String;
     /// `iptables -C` / `ip6tables -C`: whether the rule exists, by meaning.
@@ -56,6 +59,16 @@ impl InitNs for Netns {
     #[track_caller]
     fn init_ok(&self, resolv: &Path, args: &[&str]) -> String {
         self.init(resolv, args).ok().to_string()
+    }
+
+    #[track_caller]
+    fn apply(&self, resolv: &str, config: &str) -> String {
+        let resolv = self.write_file("resolv.conf", resolv);
+        let cfg = self.write_file("config.toml", config);
+        let cfg = cfg.to_str().expect("utf-8 path");
+        let dry = self.init_ok(&resolv, &["--dry-run", "-c", cfg]);
+        self.init_ok(&resolv, &["-c", cfg]);
+        dry
     }
 
     fn save(&self, v6: bool) -> String {
@@ -96,6 +109,32 @@ fn pod_and_inet() -> (Netns, Netns) {
     pod.ip(&["-6", "route", "add", "default", "via", "2001:db8::1"]);
     (pod, inet)
 }
+
+/// The upstream listeners of the traffic tests (in inet): TCP 8080 labelled
+/// `upstream`, UDP echo on 53 and 443, IPv4 and IPv6.
+const UPSTREAMS: [&str; 6] = [
+    "tcp/192.0.2.1/8080/upstream",
+    "tcp/2001:db8::1/8080/upstream",
+    "udp/192.0.2.1/53",
+    "udp/2001:db8::1/53",
+    "udp/192.0.2.1/443",
+    "udp/2001:db8::1/443",
+];
+
+/// An application's TCP to the upstream, IPv4 and IPv6, once `init` redirects
+/// it: the stand-in proxy answers, naming the original destination.
+const REDIRECTED: [(Who, &[&str], &str); 2] = [
+    (
+        APP,
+        &["tcp", "192.0.2.1", "8080"],
+        "proxy ORIGDST 192.0.2.1:8080",
+    ),
+    (
+        APP,
+        &["tcp", "2001:db8::1", "8080"],
+        "proxy ORIGDST [2001:db8::1]:8080",
+    ),
+];
 
 /// A client's line says the listener labelled `label` answered it.
 fn answered_by(reply: &str, label: &str) -> bool {
@@ -508,15 +547,7 @@ fn traffic_is_redirected_and_filtered() {
     let (pod, inet) = pod_and_inet();
     let _up = inet.serve(
         None,
-        &[
-            "tcp/192.0.2.1/8080/upstream",
-            "tcp/2001:db8::1/8080/upstream",
-            "tcp/192.0.2.1/53/resolver",
-            "udp/192.0.2.1/53",
-            "udp/2001:db8::1/53",
-            "udp/192.0.2.1/443",
-            "udp/2001:db8::1/443",
-        ],
+        &[&UPSTREAMS[..], &["tcp/192.0.2.1/53/resolver"]].concat(),
     );
     let _proxy = pod.serve(None, &["tcp/127.0.0.1/15001/proxy", "tcp/::1/15001/proxy"]);
 
@@ -524,26 +555,12 @@ fn traffic_is_redirected_and_filtered() {
     assert_answers(&pod, &[(APP, &["tcp", "192.0.2.1", "8080"], "upstream")]);
     assert!(answered(&pod.client(APP, &["udp", "192.0.2.1", "443"])));
 
-    let resolv = pod.write_file(
-        "resolv.conf",
-        "nameserver 192.0.2.1\nnameserver 2001:db8::1\n",
-    );
-    let cfg = pod.write_file("pod.toml", POD_CONFIG);
-    pod.init_ok(&resolv, &["-c", cfg.to_str().expect("utf-8")]);
+    pod.apply("nameserver 192.0.2.1\nnameserver 2001:db8::1\n", POD_CONFIG);
 
+    assert_answers(&pod, &REDIRECTED);
     assert_answers(
         &pod,
         &[
-            (
-                APP,
-                &["tcp", "192.0.2.1", "8080"],
-                "proxy ORIGDST 192.0.2.1:8080",
-            ),
-            (
-                APP,
-                &["tcp", "2001:db8::1", "8080"],
-                "proxy ORIGDST [2001:db8::1]:8080",
-            ),
             (PROXY, &["tcp", "192.0.2.1", "8080"], "upstream"),
             (PROXY, &["tcp", "2001:db8::1", "8080"], "upstream"),
             // uid and gid are matched together: the proxy's uid with another gid is redirected
@@ -579,20 +596,12 @@ fn traffic_is_redirected_and_filtered() {
 #[test]
 fn ipv6_off_drops_ipv6() {
     let (pod, inet) = pod_and_inet();
-    let _up = inet.serve(
-        None,
-        &[
-            "tcp/2001:db8::1/8080/upstream",
-            "tcp/192.0.2.1/8080/upstream",
-        ],
-    );
+    let _up = inet.serve(None, &UPSTREAMS);
     let _proxy = pod.serve(None, &["tcp/127.0.0.1/15001/proxy"]);
-    let resolv = pod.write_file("resolv.conf", "");
-    let cfg = pod.write_file(
-        "v4.toml",
+    pod.apply(
+        "",
         "[proxy]\nlisten = [\"127.0.0.1:15001\"]\n[redirect]\nproxy_gid = 1337\ninclude_cidrs = [\"0.0.0.0/0\"]\nipv6 = false\n",
     );
-    pod.init_ok(&resolv, &["-c", cfg.to_str().expect("utf-8")]);
     assert_answers(&pod, &[(APP, &["tcp", "192.0.2.1", "8080"], "proxy")]);
     // dropped (a timeout, not a refusal), for the proxy's uid too
     let started = Instant::now();
@@ -614,22 +623,15 @@ fn ipv6_off_drops_ipv6() {
 /// requests are refused like any UDP.
 #[test]
 fn gateway_captures_forwarded_tcp() {
+    // the gateway host where the traffic tests have the pod, a lan behind it
+    let (host, inet) = pod_and_inet();
     let lan = Netns::new();
-    let host = Netns::new();
-    let inet = Netns::new();
     lan.link(
         "eth0",
         &["198.18.0.2/24", "2001:db8:ff::2/64"],
         &host,
         "lan0",
         &["198.18.0.1/24", "2001:db8:ff::1/64"],
-    );
-    host.link(
-        "eth0",
-        &["192.0.2.2/24", "2001:db8::2/64"],
-        &inet,
-        "eth0",
-        &["192.0.2.1/24", "2001:db8::1/64"],
     );
     lan.ip(&["route", "add", "default", "via", "198.18.0.1"]);
     lan.ip(&["-6", "route", "add", "default", "via", "2001:db8:ff::1"]);
@@ -649,18 +651,7 @@ fn gateway_captures_forwarded_tcp() {
         "net.ipv6.conf.all.forwarding=1",
     ]);
 
-    let _up = inet.serve(
-        None,
-        &[
-            "tcp/192.0.2.1/8080/upstream",
-            "tcp/2001:db8::1/8080/upstream",
-            "udp/192.0.2.1/53",
-            "udp/2001:db8::1/53",
-            "udp/192.0.2.1/443",
-            "udp/2001:db8::1/443",
-            "udp/192.0.2.1/67",
-        ],
-    );
+    let _up = inet.serve(None, &[&UPSTREAMS[..], &["udp/192.0.2.1/67"]].concat());
     let _proxy = host.serve(
         None,
         &[
@@ -681,19 +672,10 @@ fn gateway_captures_forwarded_tcp() {
     let out = host.init(&resolv, &["-c", cfg.to_str().expect("utf-8")]);
     assert!(out.success() && out.stderr.is_empty(), "{out:?}");
 
+    assert_answers(&lan, &REDIRECTED);
     assert_answers(
         &lan,
         &[
-            (
-                APP,
-                &["tcp", "192.0.2.1", "8080"],
-                "proxy ORIGDST 192.0.2.1:8080",
-            ),
-            (
-                APP,
-                &["tcp", "2001:db8::1", "8080"],
-                "proxy ORIGDST [2001:db8::1]:8080",
-            ),
             // the gateway's own address is not captured
             (APP, &["tcp", "198.18.0.1", "8080"], "gateway"),
             (APP, &["tcp", "2001:db8:ff::1", "8080"], "gateway"),
@@ -780,9 +762,7 @@ fn dhcp_exception_is_no_udp_channel() {
     // the world works before init
     assert!(answered(&udp(APP, 68, "192.0.2.9", "67")));
 
-    let resolv = pod.write_file("resolv.conf", "nameserver 192.0.2.1\n");
-    let cfg = pod.write_file("pod.toml", POD_CONFIG);
-    pod.init_ok(&resolv, &["-c", cfg.to_str().expect("utf-8")]);
+    pod.apply("nameserver 192.0.2.1\n", POD_CONFIG);
     for who in [APP, None] {
         for (sport, addr, port) in [
             (68, "192.0.2.9", "67"),
@@ -799,13 +779,11 @@ fn dhcp_exception_is_no_udp_channel() {
     }
 
     // A host's DHCP client (root here) may reach the server ports, nothing else.
-    let cfg = pod.write_file(
-        "host.toml",
+    let dry = pod.apply(
+        "nameserver 192.0.2.1\n",
         &format!("{POD_CONFIG}dhcp_client_uids = [0]\n"),
     );
-    let dry = pod.init_ok(&resolv, &["--dry-run", "-c", cfg.to_str().expect("utf-8")]);
     assert!(dry.contains("dhcp_client_uids: 0"), "{dry}");
-    pod.init_ok(&resolv, &["-c", cfg.to_str().expect("utf-8")]);
     // (the workload first: once the DHCP client's exchange is tracked, the
     // same addresses and ports count as its reply traffic)
     assert!(refused(&udp(APP, 68, "192.0.2.9", "67")));
@@ -831,17 +809,12 @@ fn udp_53_reaches_only_the_resolvers() {
             "udp/2001:db8::9/53",
         ],
     );
-    let resolv = pod.write_file(
-        "resolv.conf",
-        "nameserver 192.0.2.1\nnameserver 2001:db8::1\n",
-    );
-    let cfg = pod.write_file("pod.toml", POD_CONFIG);
-    let dry = pod.init_ok(&resolv, &["--dry-run", "-c", cfg.to_str().expect("utf-8")]);
+    let resolv = "nameserver 192.0.2.1\nnameserver 2001:db8::1\n";
+    let dry = pod.apply(resolv, POD_CONFIG);
     assert!(
         dry.contains("192.0.2.1") && dry.contains("2001:db8::1"),
         "{dry}"
     );
-    pod.init_ok(&resolv, &["-c", cfg.to_str().expect("utf-8")]);
     for (resolver, other) in [("192.0.2.1", "192.0.2.9"), ("2001:db8::1", "2001:db8::9")] {
         let got = pod.client(APP, &["udp", resolver, "53"]);
         assert!(answered(&got), "{resolver}: {got}");
@@ -850,13 +823,12 @@ fn udp_53_reaches_only_the_resolvers() {
     }
 
     // any address, written out
-    let cfg = pod.write_file(
-        "any.toml",
+    pod.apply(
+        resolv,
         &format!(
             "{POD_CONFIG}allow_udp = [{{ ports = [53], cidrs = [\"0.0.0.0/0\", \"::/0\"] }}]\n"
         ),
     );
-    pod.init_ok(&resolv, &["-c", cfg.to_str().expect("utf-8")]);
     for addr in ["192.0.2.9", "2001:db8::9"] {
         let got = pod.client(APP, &["udp", addr, "53"]);
         assert!(answered(&got), "{addr}: {got}");
@@ -885,14 +857,11 @@ fn local_stub_resolver_uid_passes_port_53() {
         ],
     );
     let _proxy = pod.serve(None, &["tcp/127.0.0.1/15001/proxy", "tcp/::1/15001/proxy"]);
-    let resolv = pod.write_file("resolv.conf", "nameserver 127.0.0.53\n");
-    let cfg = pod.write_file("pod.toml", POD_CONFIG);
-    let dry = pod.init_ok(&resolv, &["--dry-run", "-c", cfg.to_str().expect("utf-8")]);
+    let dry = pod.apply("nameserver 127.0.0.53\n", POD_CONFIG);
     assert!(
         dry.contains("127.0.0.53") && dry.contains("uid 1500"),
         "{dry}"
     );
-    pod.init_ok(&resolv, &["-c", cfg.to_str().expect("utf-8")]);
 
     // the stub's uid reaches its upstreams on port 53, UDP and TCP
     for addr in ["192.0.2.9", "2001:db8::9"] {

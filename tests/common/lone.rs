@@ -108,10 +108,7 @@ impl Netns {
 
     /// Writes a file (mode 0644) into this namespace's directory; its path.
     pub fn write_file(&self, name: &str, contents: &str) -> PathBuf {
-        let p = self.dir.join(name);
-        std::fs::write(&p, contents).expect("write netns file");
-        set_mode(&p, 0o644);
-        p
+        super::write_file_in(&self.dir, name, contents)
     }
 
     /// Starts `cmd` here; the guard kills it (by its process group) when

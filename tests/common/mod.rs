@@ -143,6 +143,14 @@ pub(crate) fn must(cmd: Cmd) -> Output {
     out
 }
 
+/// Writes `dir/name` (mode 0644, readable by the uids tests run as); its path.
+pub(crate) fn write_file_in(dir: &Path, name: &str, contents: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, contents).unwrap_or_else(|e| panic!("write {}: {e}", p.display()));
+    set_mode(&p, 0o644);
+    p
+}
+
 /// pod, inet, lan of a world; `n` for a lone [`Netns`] (lone.rs).
 const NS_SUFFIXES: [char; 4] = ['p', 'i', 'l', 'n'];
 
@@ -835,10 +843,7 @@ impl World {
 
     /// Writes a file (mode 0644) into the world's directory; returns its path.
     pub fn write_file(&self, name: &str, contents: &str) -> PathBuf {
-        let p = self.dir.join(name);
-        std::fs::write(&p, contents).expect("write world file");
-        set_mode(&p, 0o644);
-        p
+        write_file_in(&self.dir, name, contents)
     }
 
     fn dump(&self) {
