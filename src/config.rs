@@ -265,36 +265,52 @@ pub fn format_duration(d: Duration) -> String {
     }
 }
 
+/// Why a string is not a duration; the string as written (trimmed).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DurationError {
+    #[error("`{0}` has no unit (write e.g. \"250ms\", \"5s\", \"1h\")")]
+    NoUnit(String),
+    #[error("`{0}` is not a duration (write e.g. \"250ms\", \"5s\", \"1h\")")]
+    NotANumber(String),
+    #[error("`{input}` has an unknown unit `{unit}` (use ms, s, m or h)")]
+    UnknownUnit { input: String, unit: String },
+    #[error("`{0}` is out of range")]
+    OutOfRange(String),
+    #[error("`{0}` is below 1ms")]
+    BelowResolution(String),
+}
+
 /// Parses "250ms", "5s", "1.5s", "2m", "1h". A bare number is refused: the
 /// unit is what makes a timeout readable at 3 a.m.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
+pub fn parse_duration(s: &str) -> Result<Duration, DurationError> {
     let s = s.trim();
     let split = s
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .ok_or_else(|| format!("`{s}` has no unit (write e.g. \"250ms\", \"5s\", \"1h\")"))?;
+        .ok_or_else(|| DurationError::NoUnit(s.to_string()))?;
     let (num, unit) = s.split_at(split);
     let value: f64 = num
         .parse()
-        .map_err(|_| format!("`{s}` is not a duration (write e.g. \"250ms\", \"5s\", \"1h\")"))?;
+        .map_err(|_| DurationError::NotANumber(s.to_string()))?;
     let scale = match unit {
         "ms" => 0.001,
         "s" => 1.0,
         "m" => 60.0,
         "h" => 3600.0,
         _ => {
-            return Err(format!(
-                "`{s}` has an unknown unit `{unit}` (use ms, s, m or h)"
-            ))
+            return Err(DurationError::UnknownUnit {
+                input: s.to_string(),
+                unit: unit.to_string(),
+            })
         }
     };
     let secs = value * scale;
     if !secs.is_finite() || secs > 1.0e9 {
-        return Err(format!("`{s}` is out of range"));
+        return Err(DurationError::OutOfRange(s.to_string()));
     }
     // Millisecond resolution: what the timers honour and /config shows.
     let ms = (secs * 1000.0).round();
     if secs > 0.0 && ms < 1.0 {
-        return Err(format!("`{s}` is below 1ms"));
+        return Err(DurationError::BelowResolution(s.to_string()));
     }
     Ok(Duration::from_millis(ms as u64))
 }
@@ -461,14 +477,16 @@ impl Ctx<'_> {
         offset: usize,
         context: &str,
         key: &str,
-        message: impl Into<String>,
+        message: impl fmt::Display,
     ) -> ConfigError {
+        // A typed parse error becomes the message of the one-line
+        // `file:line: [section] key: ...` form.
         ConfigError::Invalid {
             path: self.path.to_string(),
             line: self.line_of(offset),
             context: context.to_string(),
             key: key.to_string(),
-            message: message.into(),
+            message: message.to_string(),
         }
     }
     /// The line of the `index`-th `[[service_entry]]` header (toml's spans
@@ -1237,7 +1255,9 @@ fn validate_entry(
     let mut hosts = Vec::new();
     if let Some(h) = &e.hosts {
         for s in h.get_ref() {
-            hosts.push(HostPattern::parse(s).map_err(|m| err(h.span().start, "hosts", m))?);
+            hosts.push(
+                HostPattern::parse(s).map_err(|m| err(h.span().start, "hosts", m.to_string()))?,
+            );
         }
     }
     let ports_raw = e.ports.as_ref().ok_or_else(|| {
@@ -1728,10 +1748,37 @@ mod tests {
         assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
         assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
         assert_eq!(parse_duration("1h").unwrap(), Duration::from_secs(3600));
-        assert!(parse_duration("5").is_err());
-        assert!(parse_duration("5d").is_err());
-        assert!(parse_duration("s").is_err());
-        assert!(parse_duration("0.0001s").is_err());
+        assert_eq!(parse_duration("5"), Err(DurationError::NoUnit("5".into())));
+        assert_eq!(
+            parse_duration("5d"),
+            Err(DurationError::UnknownUnit {
+                input: "5d".into(),
+                unit: "d".into()
+            })
+        );
+        assert_eq!(
+            parse_duration("s"),
+            Err(DurationError::NotANumber("s".into()))
+        );
+        assert_eq!(
+            parse_duration("1.2.3s"),
+            Err(DurationError::NotANumber("1.2.3s".into()))
+        );
+        assert_eq!(
+            parse_duration("0.0001s"),
+            Err(DurationError::BelowResolution("0.0001s".into()))
+        );
+        assert_eq!(
+            parse_duration("2e9s"),
+            Err(DurationError::UnknownUnit {
+                input: "2e9s".into(),
+                unit: "e9s".into()
+            })
+        );
+        assert_eq!(
+            parse_duration("9999999999s"),
+            Err(DurationError::OutOfRange("9999999999s".into()))
+        );
         assert_eq!(parse_duration("0.0015s").unwrap(), Duration::from_millis(2));
         assert_eq!(format_duration(Duration::from_millis(200)), "200ms");
         assert_eq!(format_duration(Duration::from_secs(3600)), "1h");
