@@ -23,7 +23,7 @@ pub enum WaitError {
     NotReady { timeout: Duration, last: Probe },
 }
 
-/// What is wrong with the `--url` (docs: only `http://IP[:PORT][/PATH]`).
+/// What is wrong with the `--url`: only `http://IP[:PORT][/PATH]` is taken.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum UrlProblem {
     #[error("only http:// URLs are supported")]
