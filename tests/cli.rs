@@ -143,23 +143,6 @@ fn every_command_reports_one_line_and_its_exit_code() {
     }
 }
 
-/// Host mode refuses to start unless root, before reading the config.
-#[test]
-fn run_redirect_needs_root() {
-    use std::os::unix::process::CommandExt;
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_portcullis"));
-    cmd.args(["run", "--redirect", "-c", "/nonexistent/p.toml"]);
-    if nix::unistd::geteuid().is_root() {
-        cmd.uid(65534).gid(65534);
-    }
-    let out = cmd.output().unwrap();
-    assert_eq!(out.status.code(), Some(1));
-    assert_eq!(
-        String::from_utf8_lossy(&out.stderr),
-        "portcullis run --redirect: must run as root (it installs iptables rules and then drops to proxy_uid)\n"
-    );
-}
-
 #[test]
 fn explain_decisions() {
     let (code, out, _) = portcullis(&[
