@@ -8,6 +8,7 @@ use std::time::SystemTime;
 use serde::Serialize;
 
 use crate::access_log::{timestamp, FlowRecord};
+use crate::vocab::{Decision, Protocol, Reason};
 
 /// Most denied/audit records kept for `/denied` and the traffic page.
 pub const DENIED_MAX: usize = 4096;
@@ -17,12 +18,12 @@ enum DeniedKey {
     Name {
         name: String,
         port: u16,
-        protocol: &'static str,
+        protocol: Protocol,
     },
     Addr {
         ip: std::net::IpAddr,
         port: u16,
-        protocol: &'static str,
+        protocol: Protocol,
     },
 }
 
@@ -33,9 +34,9 @@ pub struct DeniedRecord {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ip: Option<std::net::IpAddr>,
     pub port: u16,
-    pub protocol: &'static str,
-    pub decision: &'static str,
-    pub reason: Option<&'static str>,
+    pub protocol: Protocol,
+    pub decision: Decision,
+    pub reason: Option<Reason>,
     pub count: u64,
     /// Of `count`, the flows denied and those audited (a reload may switch
     /// audit on or off: one name can be both).
@@ -93,16 +94,16 @@ impl Denied {
     pub fn record(&self, rec: &FlowRecord) {
         // Mismatches, forbidden addresses and refused clients of the
         // explicit proxy are not names to allow either.
-        if !matches!(rec.decision, "deny" | "audit")
+        if !matches!(rec.decision, Decision::Deny | Decision::Audit)
             || matches!(
                 rec.reason,
                 Some(
-                    "loop"
-                        | "overload"
-                        | "sni_mismatch"
-                        | "host_mismatch"
-                        | "forbidden_address"
-                        | "client_not_allowed"
+                    Reason::Loop
+                        | Reason::Overload
+                        | Reason::SniMismatch
+                        | Reason::HostMismatch
+                        | Reason::ForbiddenAddress
+                        | Reason::ClientNotAllowed
                 )
             )
         {
@@ -131,7 +132,7 @@ impl Denied {
         // get_mut also marks the record most recent
         if let Some(e) = g.map.get_mut(&key) {
             e.count += 1;
-            if rec.decision == "audit" {
+            if rec.decision == Decision::Audit {
                 e.audited += 1;
             } else {
                 e.denied += 1;
@@ -157,8 +158,8 @@ impl Denied {
                 decision: rec.decision,
                 reason: rec.reason,
                 count: 1,
-                denied: u64::from(rec.decision != "audit"),
-                audited: u64::from(rec.decision == "audit"),
+                denied: u64::from(rec.decision != Decision::Audit),
+                audited: u64::from(rec.decision == Decision::Audit),
                 last_seen: now,
                 seen,
             },

@@ -44,6 +44,7 @@ pub mod registry;
 pub mod relay;
 pub mod state;
 pub mod sys;
+pub mod vocab;
 
 // The control side.
 pub mod admin;
