@@ -96,3 +96,64 @@ impl Drop for FlowLog {
         self.shared.log(&self.rec);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::ConnLabels;
+    use crate::vocab::{Decision, Protocol, Reason};
+
+    fn shared() -> Arc<Shared> {
+        let cfg = crate::config::Config::parse(
+            std::path::Path::new("t.toml"),
+            "[proxy]\naccess_log = \"off\"\n\n[redirect]\nproxy_uid = 1337\n",
+        )
+        .unwrap();
+        Shared::new(Arc::new(cfg)).unwrap()
+    }
+
+    fn count(shared: &Shared, reason: Option<Reason>) -> Option<u64> {
+        let labels = ConnLabels {
+            decision: Decision::Deny,
+            protocol: Protocol::Tcp,
+            entry: "BlackHole".into(),
+            reason,
+        };
+        shared.metrics.connections.get(&labels).map(|c| c.get())
+    }
+
+    #[tokio::test]
+    async fn a_flow_dropped_before_its_decision_is_written_once_as_a_deny() {
+        let shared = shared();
+        let mut log = FlowLog::new(
+            &shared,
+            "192.0.2.2:40000".parse().unwrap(),
+            Mode::Transparent,
+        );
+        log.rec.dst = Some("192.0.2.10:443".parse().unwrap());
+        drop(log);
+        assert_eq!(count(&shared, None), Some(1));
+        let denied = shared.denied.snapshot();
+        assert_eq!(denied.len(), 1, "{denied:?}");
+        assert_eq!(denied[0].decision, Decision::Deny);
+    }
+
+    #[tokio::test]
+    async fn a_second_verdict_updates_the_record_but_counts_nothing() {
+        let shared = shared();
+        let gen = shared.generation();
+        let mut log = FlowLog::new(
+            &shared,
+            "192.0.2.2:40000".parse().unwrap(),
+            Mode::Transparent,
+        );
+        log.decided(&gen.registry, &Verdict::refused(Reason::Overload));
+        log.refused(&gen.registry, &Verdict::refused(Reason::Loop), "again");
+        assert_eq!(log.rec.reason, Some(Reason::Loop));
+        assert_eq!(log.rec.error.as_deref(), Some("again"));
+        drop(log);
+        assert_eq!(count(&shared, Some(Reason::Overload)), Some(1));
+        assert_eq!(count(&shared, Some(Reason::Loop)), None);
+        assert_eq!(count(&shared, None), None, "not counted again when dropped");
+    }
+}
