@@ -12,6 +12,7 @@ use toml::Spanned;
 
 use crate::name::HostPattern;
 use crate::net::Cidr;
+pub use crate::vocab::Protocol;
 
 pub const DEFAULT_PATH: &str = "/etc/portcullis/config.toml";
 
@@ -60,24 +61,6 @@ pub enum Policy {
     AllowAny,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
-#[serde(rename_all = "UPPERCASE")]
-pub enum PortProtocol {
-    Http,
-    Tls,
-    Tcp,
-}
-
-impl PortProtocol {
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            PortProtocol::Http => "HTTP",
-            PortProtocol::Tls => "TLS",
-            PortProtocol::Tcp => "TCP",
-        }
-    }
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "UPPERCASE")]
 pub enum Resolution {
@@ -90,7 +73,8 @@ pub enum Resolution {
 pub struct Port {
     pub number: u16,
     pub name: Option<String>,
-    pub protocol: PortProtocol,
+    #[serde(serialize_with = "Protocol::serialize_config_name")]
+    pub protocol: Protocol,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -1218,11 +1202,11 @@ fn validate_redirect(ctx: &Ctx, raw: Option<&RawRedirect>) -> Result<Redirect, C
     })
 }
 
-fn protocol(raw: &str) -> Result<PortProtocol, String> {
+fn protocol(raw: &str) -> Result<Protocol, String> {
     match raw.to_ascii_uppercase().as_str() {
-        "HTTP" => Ok(PortProtocol::Http),
-        "HTTPS" | "TLS" => Ok(PortProtocol::Tls),
-        "TCP" => Ok(PortProtocol::Tcp),
+        "HTTP" => Ok(Protocol::Http),
+        "HTTPS" | "TLS" => Ok(Protocol::Tls),
+        "TCP" => Ok(Protocol::Tcp),
         "HTTP2" | "GRPC" | "GRPC-WEB" | "H2C" => Err(format!(
             "protocol `{raw}` is not supported: use TLS for anything inside TLS, TCP for cleartext HTTP/2 (it is opaque to portcullis)"
         )),
@@ -1267,11 +1251,11 @@ fn validate_entry(
 
 /// Whether any port is matched by name (TLS, HTTP) / by address (TCP).
 fn has_named_port(ports: &[Port]) -> bool {
-    ports.iter().any(|p| p.protocol != PortProtocol::Tcp)
+    ports.iter().any(|p| p.protocol != Protocol::Tcp)
 }
 
 fn has_tcp_port(ports: &[Port]) -> bool {
-    ports.iter().any(|p| p.protocol == PortProtocol::Tcp)
+    ports.iter().any(|p| p.protocol == Protocol::Tcp)
 }
 
 /// One `[[service_entry]]` under validation: its raw keys, where it starts,
@@ -1896,7 +1880,7 @@ mod tests {
         let src = "\n[[service_entry]]\nhosts = [\"a.example.com\"]\nports = [{ number = 443, protocol = \"HTTPS\" }]\n\n[[service_entry]]\nname = \"db\"\naddresses = [\"192.0.2.0/24\"]\nports = [{ number = 5432, protocol = \"TCP\" }]\n";
         let c = Config::parse(Path::new("t.toml"), src).unwrap();
         assert_eq!(c.entries[0].resolution, Resolution::Dns);
-        assert_eq!(c.entries[0].ports[0].protocol, PortProtocol::Tls);
+        assert_eq!(c.entries[0].ports[0].protocol, Protocol::Tls);
         assert_eq!(c.entries[0].line, 2);
         assert_eq!(c.entries[0].name, "a.example.com");
         assert_eq!(c.entries[1].resolution, Resolution::None);

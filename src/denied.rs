@@ -12,6 +12,7 @@ use serde::Serialize;
 
 use crate::access_log::{timestamp, FlowRecord};
 use crate::config::Config;
+use crate::vocab::{Decision, Protocol, Reason};
 
 /// Most denied/audit records kept for `/denied` and the traffic page.
 pub const DENIED_MAX: usize = 4096;
@@ -21,12 +22,12 @@ enum DeniedKey {
     Name {
         name: String,
         port: u16,
-        protocol: &'static str,
+        protocol: Protocol,
     },
     Addr {
         ip: std::net::IpAddr,
         port: u16,
-        protocol: &'static str,
+        protocol: Protocol,
     },
 }
 
@@ -37,9 +38,9 @@ pub struct DeniedRecord {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ip: Option<std::net::IpAddr>,
     pub port: u16,
-    pub protocol: &'static str,
-    pub decision: &'static str,
-    pub reason: Option<&'static str>,
+    pub protocol: Protocol,
+    pub decision: Decision,
+    pub reason: Option<Reason>,
     pub count: u64,
     /// Of `count`, the flows denied and those audited (a reload may switch
     /// audit on or off: one name can be both).
@@ -97,16 +98,16 @@ impl Denied {
     pub fn record(&self, rec: &FlowRecord) {
         // Mismatches, forbidden addresses and refused clients of the
         // explicit proxy are not names to allow either.
-        if !matches!(rec.decision, "deny" | "audit")
+        if !matches!(rec.decision, Decision::Deny | Decision::Audit)
             || matches!(
                 rec.reason,
                 Some(
-                    "loop"
-                        | "overload"
-                        | "sni_mismatch"
-                        | "host_mismatch"
-                        | "forbidden_address"
-                        | "client_not_allowed"
+                    Reason::Loop
+                        | Reason::Overload
+                        | Reason::SniMismatch
+                        | Reason::HostMismatch
+                        | Reason::ForbiddenAddress
+                        | Reason::ClientNotAllowed
                 )
             )
         {
@@ -135,7 +136,7 @@ impl Denied {
         // get_mut also marks the record most recent
         if let Some(e) = g.map.get_mut(&key) {
             e.count += 1;
-            if rec.decision == "audit" {
+            if rec.decision == Decision::Audit {
                 e.audited += 1;
             } else {
                 e.denied += 1;
@@ -161,8 +162,8 @@ impl Denied {
                 decision: rec.decision,
                 reason: rec.reason,
                 count: 1,
-                denied: u64::from(rec.decision != "audit"),
-                audited: u64::from(rec.decision == "audit"),
+                denied: u64::from(rec.decision != Decision::Audit),
+                audited: u64::from(rec.decision == Decision::Audit),
                 last_seen: now,
                 seen,
             },
@@ -212,11 +213,11 @@ pub fn denied_toml(records: &[DeniedRecord], cfg: &Config) -> String {
 /// order), then one per address, each with its name or address: the traffic
 /// page shows each beside its name.
 pub fn denied_toml_blocks(records: &[DeniedRecord], cfg: &Config) -> Vec<(String, String)> {
-    use crate::config::PortProtocol;
+    use crate::config::Protocol;
     use std::collections::{BTreeMap, BTreeSet, HashSet};
 
     let mut blocks = Vec::new();
-    let name_covered = |name: &str, port: u16, proto: PortProtocol| {
+    let name_covered = |name: &str, port: u16, proto: Protocol| {
         cfg.entries.iter().any(|e| {
             e.hosts.iter().any(|h| h.matches(name))
                 && e.port(port).is_some_and(|p| p.protocol == proto)
@@ -226,15 +227,14 @@ pub fn denied_toml_blocks(records: &[DeniedRecord], cfg: &Config) -> Vec<(String
         cfg.entries.iter().any(|e| {
             !e.addresses.is_empty()
                 && e.addresses.iter().any(|c| c.contains(ip))
-                && e.port(port)
-                    .is_some_and(|p| p.protocol == PortProtocol::Tcp)
+                && e.port(port).is_some_and(|p| p.protocol == Protocol::Tcp)
         })
     };
     struct Seen {
-        proto: PortProtocol,
+        proto: Protocol,
         count: u64,
         reasons: BTreeSet<&'static str>,
-        conflict: Option<PortProtocol>,
+        conflict: Option<Protocol>,
     }
     let mut by_name: BTreeMap<&str, BTreeMap<u16, Seen>> = BTreeMap::new();
     let mut by_addr: BTreeMap<std::net::IpAddr, BTreeMap<u16, (u64, BTreeSet<&'static str>)>> =
@@ -242,11 +242,7 @@ pub fn denied_toml_blocks(records: &[DeniedRecord], cfg: &Config) -> Vec<(String
     for r in records {
         match (&r.name, r.ip) {
             (Some(n), _) => {
-                let proto = match r.protocol {
-                    "tls" => PortProtocol::Tls,
-                    "http" => PortProtocol::Http,
-                    _ => PortProtocol::Tcp,
-                };
+                let proto = r.protocol;
                 if name_covered(n, r.port, proto) {
                     continue;
                 }
@@ -261,7 +257,7 @@ pub fn denied_toml_blocks(records: &[DeniedRecord], cfg: &Config) -> Vec<(String
                         conflict: None,
                     });
                 seen.count += r.count;
-                seen.reasons.extend(r.reason);
+                seen.reasons.extend(r.reason.map(|r| r.as_str()));
                 if seen.proto != proto {
                     seen.conflict = Some(proto);
                 }
@@ -272,7 +268,7 @@ pub fn denied_toml_blocks(records: &[DeniedRecord], cfg: &Config) -> Vec<(String
                 }
                 let e = by_addr.entry(ip).or_default().entry(r.port).or_default();
                 e.0 += r.count;
-                e.1.extend(r.reason);
+                e.1.extend(r.reason.map(|r| r.as_str()));
             }
             _ => {}
         }
@@ -295,7 +291,7 @@ pub fn denied_toml_blocks(records: &[DeniedRecord], cfg: &Config) -> Vec<(String
             let _ = writeln!(
                 out,
                 "# seen: {port}/{} x{} ({})",
-                seen.proto.as_str(),
+                seen.proto.config_name(),
                 seen.count,
                 reasons(&seen.reasons)
             );
@@ -303,7 +299,7 @@ pub fn denied_toml_blocks(records: &[DeniedRecord], cfg: &Config) -> Vec<(String
                 let _ = writeln!(
                     out,
                     "# note: {name}:{port} was also seen as {}; one port has one protocol",
-                    other.as_str()
+                    other.config_name()
                 );
             }
         }
@@ -311,7 +307,12 @@ pub fn denied_toml_blocks(records: &[DeniedRecord], cfg: &Config) -> Vec<(String
         let _ = writeln!(out, "hosts = [\"{name}\"]");
         let ps: Vec<String> = ports
             .iter()
-            .map(|(p, seen)| format!("{{ number = {p}, protocol = \"{}\" }}", seen.proto.as_str()))
+            .map(|(p, seen)| {
+                format!(
+                    "{{ number = {p}, protocol = \"{}\" }}",
+                    seen.proto.config_name()
+                )
+            })
             .collect();
         let _ = writeln!(out, "ports = [{}]", ps.join(", "));
         // TCP ports of a named entry need the name resolved ahead.
@@ -344,16 +345,18 @@ pub fn denied_toml_blocks(records: &[DeniedRecord], cfg: &Config) -> Vec<(String
 mod tests {
     use super::*;
     use crate::access_log::FlowRecord;
+    #[allow(unused_imports)]
+    use crate::vocab::{Decision, Mode, Protocol, Reason};
     use std::path::Path;
 
-    fn rec(name: Option<&str>, ip: &str, port: u16, protocol: &'static str) -> FlowRecord {
+    fn rec(name: Option<&str>, ip: &str, port: u16, protocol: Protocol) -> FlowRecord {
         FlowRecord {
             dst: Some(std::net::SocketAddr::new(ip.parse().unwrap(), port)),
             protocol,
             name: name.map(str::to_string),
-            decision: "audit",
-            reason: Some("not_in_registry"),
-            ..FlowRecord::new("192.0.2.2:40000".parse().unwrap(), "transparent")
+            decision: Decision::Audit,
+            reason: Some(Reason::NotInRegistry),
+            ..FlowRecord::new("192.0.2.2:40000".parse().unwrap(), Mode::Transparent)
         }
     }
 
@@ -364,21 +367,31 @@ mod tests {
         let cfg = Config::parse(Path::new("t.toml"), BASE).unwrap();
         let d = Denied::default();
         for r in [
-            rec(Some("www.example.org"), "203.0.113.5", 443, "tls"),
-            rec(Some("www.example.org"), "203.0.113.5", 80, "http"),
-            rec(Some("www.example.org"), "203.0.113.5", 8443, "tls"),
-            rec(Some("www.example.org"), "203.0.113.5", 443, "tls"),
-            rec(Some("a.files.example.com"), "192.0.2.11", 443, "tls"),
-            rec(Some("a.files.example.com"), "192.0.2.11", 80, "http"),
-            rec(None, "192.0.2.10", 7000, "tcp"),
-            rec(None, "192.0.2.10", 443, "tls"),
-            rec(None, "2001:db8::10", 7000, "tcp"),
+            rec(Some("www.example.org"), "203.0.113.5", 443, Protocol::Tls),
+            rec(Some("www.example.org"), "203.0.113.5", 80, Protocol::Http),
+            rec(Some("www.example.org"), "203.0.113.5", 8443, Protocol::Tls),
+            rec(Some("www.example.org"), "203.0.113.5", 443, Protocol::Tls),
+            rec(
+                Some("a.files.example.com"),
+                "192.0.2.11",
+                443,
+                Protocol::Tls,
+            ),
+            rec(
+                Some("a.files.example.com"),
+                "192.0.2.11",
+                80,
+                Protocol::Http,
+            ),
+            rec(None, "192.0.2.10", 7000, Protocol::Tcp),
+            rec(None, "192.0.2.10", 443, Protocol::Tls),
+            rec(None, "2001:db8::10", 7000, Protocol::Tcp),
         ] {
             d.record(&r);
         }
-        let mut loop_rec = rec(None, "192.0.2.99", 1, "tcp");
-        loop_rec.decision = "deny";
-        loop_rec.reason = Some("loop");
+        let mut loop_rec = rec(None, "192.0.2.99", 1, Protocol::Tcp);
+        loop_rec.decision = Decision::Deny;
+        loop_rec.reason = Some(Reason::Loop);
         d.record(&loop_rec);
         let toml = denied_toml(&d.snapshot(), &cfg);
         assert!(toml.contains("review every entry"), "{toml}");
@@ -425,7 +438,7 @@ mod tests {
         let d = Denied::default();
         for i in 0..(DENIED_MAX as u32 + 50) {
             let name = format!("n{i}.example.com");
-            d.record(&rec(Some(&name), "192.0.2.10", 443, "tls"));
+            d.record(&rec(Some(&name), "192.0.2.10", 443, Protocol::Tls));
         }
         let snap = d.snapshot();
         assert_eq!(snap.len(), DENIED_MAX);
@@ -441,32 +454,42 @@ mod tests {
     fn denied_counts_deny_and_audit_apart() {
         // a reload switched audit on: the same name was denied, then audited
         let d = Denied::default();
-        let mut r = rec(Some("www.example.org"), "203.0.113.5", 443, "tls");
-        r.decision = "deny";
+        let mut r = rec(Some("www.example.org"), "203.0.113.5", 443, Protocol::Tls);
+        r.decision = Decision::Deny;
         d.record(&r);
-        r.decision = "audit";
+        r.decision = Decision::Audit;
         d.record(&r);
         d.record(&r);
         let snap = d.snapshot();
         assert_eq!(snap.len(), 1);
         assert_eq!((snap[0].count, snap[0].denied, snap[0].audited), (3, 1, 2));
-        assert_eq!(snap[0].decision, "audit", "the latest decision");
+        assert_eq!(snap[0].decision, Decision::Audit, "the latest decision");
     }
 
     #[test]
     fn denied_evicts_the_least_recently_seen() {
         // a client inventing names cannot push out a name that keeps coming
         let d = Denied::with_capacity(100);
-        d.record(&rec(Some("keep.example.com"), "192.0.2.10", 443, "tls"));
+        d.record(&rec(
+            Some("keep.example.com"),
+            "192.0.2.10",
+            443,
+            Protocol::Tls,
+        ));
         for i in 0..100_000u32 {
             d.record(&rec(
                 Some(&format!("junk{i}.example")),
                 "192.0.2.10",
                 443,
-                "tls",
+                Protocol::Tls,
             ));
             if i % 50 == 0 {
-                d.record(&rec(Some("keep.example.com"), "192.0.2.10", 443, "tls"));
+                d.record(&rec(
+                    Some("keep.example.com"),
+                    "192.0.2.10",
+                    443,
+                    Protocol::Tls,
+                ));
             }
         }
         let snap = d.snapshot();

@@ -45,6 +45,7 @@ pub mod relay;
 pub mod state;
 pub mod sys;
 pub mod upstream;
+pub mod vocab;
 
 // The control side.
 pub mod admin;
