@@ -144,7 +144,7 @@ pub fn detector(data: &[u8]) {
             match d.protocol {
                 Protocol::Tls => check_tls(head, d),
                 Protocol::Http => check_http(head, d),
-                Protocol::Opaque => assert!(d.name.is_none() && !d.ech, "{d:?}"),
+                Protocol::Tcp => assert!(d.name.is_none() && !d.ech, "{d:?}"),
             }
         }
         Step::NeedMore { .. } => {

@@ -21,6 +21,8 @@ use prometheus_client::metrics::counter::Counter;
 use serde::Serialize;
 
 use crate::config::AccessLog;
+use crate::relay::Side;
+use crate::vocab::{Decision, Mode, Protocol, Reason};
 
 /// The access log record of docs/DESIGN.md §4.
 #[derive(Debug, Clone, Serialize)]
@@ -29,11 +31,11 @@ pub struct FlowRecord {
     pub client: SocketAddr,
     pub dst: Option<SocketAddr>,
     pub upstream: Option<SocketAddr>,
-    pub protocol: &'static str,
+    pub protocol: Protocol,
     pub name: Option<String>,
-    pub decision: &'static str,
+    pub decision: Decision,
     pub entry: Option<String>,
-    pub reason: Option<&'static str>,
+    pub reason: Option<Reason>,
     pub ech: bool,
     pub bytes_up: u64,
     pub bytes_down: u64,
@@ -41,14 +43,14 @@ pub struct FlowRecord {
     /// How an allowed flow ended badly (README, "Access log"); null when it did not.
     pub error: Option<String>,
     /// `transparent` (redirected) or `explicit` (CONNECT / absolute-form).
-    pub mode: &'static str,
+    pub mode: Mode,
     /// Explicit proxy: the `host:port` the client asked for.
     pub authority: Option<String>,
     /// `"client"`: the client closed with an RST after both sides had sent data, which is how
     /// curl and browsers end a TLS connection whose last bytes (session tickets, close_notify)
     /// they did not read: not a failure, so `error` stays null. Absent otherwise.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub reset_by: Option<&'static str>,
+    pub reset_by: Option<Side>,
 }
 
 impl FlowRecord {
@@ -56,15 +58,15 @@ impl FlowRecord {
     /// `explicit`), with nothing known yet: opaque TCP, denied until a
     /// verdict says otherwise, no bytes, no error. Every path starts from
     /// here and sets what it learns.
-    pub fn new(client: SocketAddr, mode: &'static str) -> FlowRecord {
+    pub fn new(client: SocketAddr, mode: Mode) -> FlowRecord {
         FlowRecord {
             ts: String::new(),
             client: crate::net::canonical_addr(client),
             dst: None,
             upstream: None,
-            protocol: "tcp",
+            protocol: Protocol::Tcp,
             name: None,
-            decision: "deny",
+            decision: Decision::Deny,
             entry: None,
             reason: None,
             ech: false,
@@ -363,6 +365,8 @@ pub fn timestamp(t: SystemTime) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    #[allow(unused_imports)]
+    use crate::vocab::{Decision, Mode, Protocol, Reason};
 
     #[test]
     fn timestamps() {
@@ -380,12 +384,12 @@ mod tests {
         FlowRecord {
             ts: timestamp(SystemTime::now()),
             dst: Some("192.0.2.10:443".parse().unwrap()),
-            protocol: "tls",
+            protocol: Protocol::Tls,
             name: Some("api.example.com".into()),
-            decision: "allow",
+            decision: Decision::Allow,
             entry: Some("api".into()),
             bytes_up: i,
-            ..FlowRecord::new("192.0.2.2:40000".parse().unwrap(), "transparent")
+            ..FlowRecord::new("192.0.2.2:40000".parse().unwrap(), Mode::Transparent)
         }
     }
 

@@ -12,6 +12,7 @@ use toml::Spanned;
 
 use crate::name::HostPattern;
 use crate::net::Cidr;
+pub use crate::vocab::Protocol;
 
 pub const DEFAULT_PATH: &str = "/etc/portcullis/config.toml";
 
@@ -60,24 +61,6 @@ pub enum Policy {
     AllowAny,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
-#[serde(rename_all = "UPPERCASE")]
-pub enum PortProtocol {
-    Http,
-    Tls,
-    Tcp,
-}
-
-impl PortProtocol {
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            PortProtocol::Http => "HTTP",
-            PortProtocol::Tls => "TLS",
-            PortProtocol::Tcp => "TCP",
-        }
-    }
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "UPPERCASE")]
 pub enum Resolution {
@@ -90,7 +73,8 @@ pub enum Resolution {
 pub struct Port {
     pub number: u16,
     pub name: Option<String>,
-    pub protocol: PortProtocol,
+    #[serde(serialize_with = "Protocol::serialize_config_name")]
+    pub protocol: Protocol,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -265,36 +249,52 @@ pub fn format_duration(d: Duration) -> String {
     }
 }
 
+/// Why a string is not a duration; the string as written (trimmed).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DurationError {
+    #[error("`{0}` has no unit (write e.g. \"250ms\", \"5s\", \"1h\")")]
+    NoUnit(String),
+    #[error("`{0}` is not a duration (write e.g. \"250ms\", \"5s\", \"1h\")")]
+    NotANumber(String),
+    #[error("`{input}` has an unknown unit `{unit}` (use ms, s, m or h)")]
+    UnknownUnit { input: String, unit: String },
+    #[error("`{0}` is out of range")]
+    OutOfRange(String),
+    #[error("`{0}` is below 1ms")]
+    BelowResolution(String),
+}
+
 /// Parses "250ms", "5s", "1.5s", "2m", "1h". A bare number is refused: the
 /// unit is what makes a timeout readable at 3 a.m.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
+pub fn parse_duration(s: &str) -> Result<Duration, DurationError> {
     let s = s.trim();
     let split = s
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .ok_or_else(|| format!("`{s}` has no unit (write e.g. \"250ms\", \"5s\", \"1h\")"))?;
+        .ok_or_else(|| DurationError::NoUnit(s.to_string()))?;
     let (num, unit) = s.split_at(split);
     let value: f64 = num
         .parse()
-        .map_err(|_| format!("`{s}` is not a duration (write e.g. \"250ms\", \"5s\", \"1h\")"))?;
+        .map_err(|_| DurationError::NotANumber(s.to_string()))?;
     let scale = match unit {
         "ms" => 0.001,
         "s" => 1.0,
         "m" => 60.0,
         "h" => 3600.0,
         _ => {
-            return Err(format!(
-                "`{s}` has an unknown unit `{unit}` (use ms, s, m or h)"
-            ))
+            return Err(DurationError::UnknownUnit {
+                input: s.to_string(),
+                unit: unit.to_string(),
+            })
         }
     };
     let secs = value * scale;
     if !secs.is_finite() || secs > 1.0e9 {
-        return Err(format!("`{s}` is out of range"));
+        return Err(DurationError::OutOfRange(s.to_string()));
     }
     // Millisecond resolution: what the timers honour and /config shows.
     let ms = (secs * 1000.0).round();
     if secs > 0.0 && ms < 1.0 {
-        return Err(format!("`{s}` is below 1ms"));
+        return Err(DurationError::BelowResolution(s.to_string()));
     }
     Ok(Duration::from_millis(ms as u64))
 }
@@ -461,14 +461,16 @@ impl Ctx<'_> {
         offset: usize,
         context: &str,
         key: &str,
-        message: impl Into<String>,
+        message: impl fmt::Display,
     ) -> ConfigError {
+        // A typed parse error becomes the message of the one-line
+        // `file:line: [section] key: ...` form.
         ConfigError::Invalid {
             path: self.path.to_string(),
             line: self.line_of(offset),
             context: context.to_string(),
             key: key.to_string(),
-            message: message.into(),
+            message: message.to_string(),
         }
     }
     /// The line of the `index`-th `[[service_entry]]` header (toml's spans
@@ -1200,11 +1202,11 @@ fn validate_redirect(ctx: &Ctx, raw: Option<&RawRedirect>) -> Result<Redirect, C
     })
 }
 
-fn protocol(raw: &str) -> Result<PortProtocol, String> {
+fn protocol(raw: &str) -> Result<Protocol, String> {
     match raw.to_ascii_uppercase().as_str() {
-        "HTTP" => Ok(PortProtocol::Http),
-        "HTTPS" | "TLS" => Ok(PortProtocol::Tls),
-        "TCP" => Ok(PortProtocol::Tcp),
+        "HTTP" => Ok(Protocol::Http),
+        "HTTPS" | "TLS" => Ok(Protocol::Tls),
+        "TCP" => Ok(Protocol::Tcp),
         "HTTP2" | "GRPC" | "GRPC-WEB" | "H2C" => Err(format!(
             "protocol `{raw}` is not supported: use TLS for anything inside TLS, TCP for cleartext HTTP/2 (it is opaque to portcullis)"
         )),
@@ -1221,246 +1223,23 @@ fn validate_entry(
     raw: &Spanned<RawEntry>,
     warnings: &mut Vec<String>,
 ) -> Result<ServiceEntry, ConfigError> {
-    let start = raw.span().start;
-    let line = ctx.entry_line(index, start);
-    let e = raw.get_ref();
-    let provisional = e
-        .name
-        .as_ref()
-        .map(|n| n.get_ref().clone())
-        .or_else(|| e.hosts.as_ref().and_then(|h| h.get_ref().first().cloned()))
-        .unwrap_or_else(|| format!("#{}", index + 1));
-    let context = format!("service_entry \"{provisional}\": ");
-    let c = context.as_str();
-    let err = |off: usize, key: &str, m: String| ctx.err(off, c, key, m);
-
-    let mut hosts = Vec::new();
-    if let Some(h) = &e.hosts {
-        for s in h.get_ref() {
-            hosts.push(HostPattern::parse(s).map_err(|m| err(h.span().start, "hosts", m))?);
-        }
-    }
-    let ports_raw = e.ports.as_ref().ok_or_else(|| {
-        err(
-            start,
-            "ports",
-            "is required (e.g. ports = [{ number = 443, protocol = \"TLS\" }])".into(),
-        )
-    })?;
-    let mut ports = Vec::new();
-    let mut seen = HashSet::new();
-    for p in ports_raw.get_ref() {
-        let number = port_num(ctx, p.number, ports_raw.span().start, c, "ports")?;
-        let proto = protocol(&p.protocol).map_err(|m| err(ports_raw.span().start, "ports", m))?;
-        if !seen.insert(number) {
-            return Err(err(
-                ports_raw.span().start,
-                "ports",
-                format!("port {number} is listed twice"),
-            ));
-        }
-        ports.push(Port {
-            number,
-            name: p.name.clone(),
-            protocol: proto,
-        });
-    }
-    if ports.is_empty() {
-        return Err(err(
-            ports_raw.span().start,
-            "ports",
-            "at least one port is needed".into(),
-        ));
-    }
-    let named_proto = ports.iter().any(|p| p.protocol != PortProtocol::Tcp);
-    let has_tcp = ports.iter().any(|p| p.protocol == PortProtocol::Tcp);
-
-    let resolution = match &e.resolution {
-        None if named_proto => Resolution::Dns,
-        None => Resolution::None,
-        Some(r) => match r.get_ref().to_ascii_uppercase().as_str() {
-            "DNS" => Resolution::Dns,
-            "NONE" => Resolution::None,
-            "STATIC" => Resolution::Static,
-            other => {
-                return Err(err(
-                    r.span().start,
-                    "resolution",
-                    format!("`{other}` is not DNS, NONE or STATIC"),
-                ))
-            }
-        },
-    };
-    let res_off = e
-        .resolution
-        .as_ref()
-        .map(|r| r.span().start)
-        .unwrap_or(start);
-
-    let addresses = match &e.addresses {
-        None => vec![],
-        Some(v) => cidrs(ctx, v, c, "addresses")?,
-    };
-    let mut endpoints = Vec::new();
-    if let Some(v) = &e.endpoints {
-        for ep in v.get_ref() {
-            let address: IpAddr = ep
-                .address
-                .trim_start_matches('[')
-                .trim_end_matches(']')
-                .parse()
-                .map_err(|_| {
-                    err(
-                        v.span().start,
-                        "endpoints",
-                        format!("`{}` is not an IP address", ep.address),
-                    )
-                })?;
-            let port = match ep.port {
-                None => None,
-                Some(n) => Some(port_num(ctx, n, v.span().start, c, "endpoints")?),
-            };
-            endpoints.push(Endpoint {
-                address: crate::net::canonical_ip(address),
-                port,
-            });
-        }
-    }
-    let ep_off = e
-        .endpoints
-        .as_ref()
-        .map(|v| v.span().start)
-        .unwrap_or(res_off);
-    match resolution {
-        Resolution::Static if endpoints.is_empty() => {
-            return Err(err(
-                res_off,
-                "endpoints",
-                "resolution STATIC needs endpoints = [{ address = \"IP\", port = N }]".into(),
-            ))
-        }
-        Resolution::Dns | Resolution::None if !endpoints.is_empty() => {
-            return Err(err(
-                ep_off,
-                "endpoints",
-                "endpoints are only used with resolution = \"STATIC\"".into(),
-            ))
-        }
-        _ => {}
-    }
-    let addr_off = e
-        .addresses
-        .as_ref()
-        .map(|v| v.span().start)
-        .unwrap_or(start);
-    if hosts.is_empty() {
-        if named_proto {
-            return Err(err(
-                start,
-                "hosts",
-                "TLS and HTTP ports are matched by name: list at least one host".into(),
-            ));
-        }
-        if addresses.is_empty() {
-            return Err(err(
-                start,
-                "hosts",
-                "an entry needs hosts, or addresses for TCP ports".into(),
-            ));
-        }
-        if e.name.is_none() {
-            return Err(err(
-                start,
-                "name",
-                "an entry without hosts needs a name".into(),
-            ));
-        }
-        if resolution == Resolution::Dns {
-            return Err(err(
-                res_off,
-                "resolution",
-                "resolution DNS needs hosts to resolve".into(),
-            ));
-        }
-    }
-    if has_tcp && addresses.is_empty() {
-        if resolution != Resolution::Dns {
-            return Err(err(
-                res_off,
-                "addresses",
-                "a TCP port is matched by address only: give `addresses`, or resolution = \"DNS\" with exact hosts (to trust the client's choice of IP deliberately, write addresses = [\"0.0.0.0/0\", \"::/0\"])".into(),
-            ));
-        }
-        if let Some(w) = hosts.iter().find(|h| h.is_wildcard()) {
-            let off = e.hosts.as_ref().map(|h| h.span().start).unwrap_or(start);
-            return Err(err(
-                off,
-                "hosts",
-                format!("`{w}` cannot be resolved ahead: a TCP port with resolution DNS needs exact hosts (or give `addresses`)"),
-            ));
-        }
-    }
-    if named_proto && resolution == Resolution::None && addresses.is_empty() {
-        return Err(err(
-            res_off,
-            "addresses",
-            "a TLS/HTTP entry with resolution NONE would connect wherever the client dialled: give `addresses`, or use resolution DNS (to trust the client's choice deliberately, write addresses = [\"0.0.0.0/0\", \"::/0\"])".into(),
-        ));
-    }
-    let name = e
-        .name
-        .as_ref()
-        .map(|n| n.get_ref().clone())
-        .unwrap_or_else(|| hosts.first().map(|h| h.to_string()).unwrap_or_default());
-    // Names become Prometheus label values, which prometheus-client writes
-    // unescaped: a quote or backslash would break /metrics for everyone.
-    if name.is_empty()
-        || name.len() > 253
-        || name
-            .chars()
-            .any(|ch| ch.is_control() || ch == '"' || ch == '\\')
-    {
-        let off = e.name.as_ref().map(|n| n.span().start).unwrap_or(start);
-        return Err(err(
-            off,
-            "name",
-            "names are 1-253 printable characters without quotes or backslashes (they are metric label values)".into(),
-        ));
-    }
-    if matches!(name.as_str(), "BlackHole" | "Passthrough") {
-        let off = e.name.as_ref().map(|n| n.span().start).unwrap_or(start);
-        return Err(err(
-            off,
-            "name",
-            format!("`{name}` is reserved for flows that match no entry"),
-        ));
-    }
-    if addresses.iter().any(|a| a.is_everything()) {
-        warnings.push(format!(
-            "{}:{}: service_entry \"{}\": addresses include {} which trusts the client's choice of IP: a client presenting an allowed name can reach any address",
-            ctx.path,
-            ctx.line_of(addr_off),
-            name,
-            addresses.iter().filter(|a| a.is_everything()).map(|a| a.to_string()).collect::<Vec<_>>().join(", "),
-        ));
-    }
-    let location = match &e.location {
-        None => "MESH_EXTERNAL".to_string(),
-        Some(l) => match l.get_ref().to_ascii_uppercase().as_str() {
-            v @ ("MESH_EXTERNAL" | "MESH_INTERNAL") => v.to_string(),
-            other => {
-                return Err(err(
-                    l.span().start,
-                    "location",
-                    format!("`{other}` is not MESH_EXTERNAL or MESH_INTERNAL"),
-                ))
-            }
-        },
-    };
+    let en = EntryCheck::new(ctx, index, raw);
+    let hosts = en.hosts()?;
+    let ports = en.ports()?;
+    let resolution = en.resolution(&ports)?;
+    let addresses = en.addresses()?;
+    let endpoints = en.endpoints()?;
+    en.endpoints_fit(resolution, &endpoints)?;
+    en.without_hosts(&hosts, &ports, resolution, &addresses)?;
+    en.tcp_by_address(&hosts, &ports, resolution, &addresses)?;
+    en.named_by_address(&ports, resolution, &addresses)?;
+    let name = en.name(&hosts)?;
+    warnings.extend(en.trust_warning(&name, &addresses));
+    let location = en.location()?;
     Ok(ServiceEntry {
         name,
         source: PathBuf::from(ctx.path),
-        line,
+        line: ctx.entry_line(index, en.start),
         hosts,
         ports,
         resolution,
@@ -1468,6 +1247,321 @@ fn validate_entry(
         endpoints,
         location,
     })
+}
+
+/// Whether any port is matched by name (TLS, HTTP) / by address (TCP).
+fn has_named_port(ports: &[Port]) -> bool {
+    ports.iter().any(|p| p.protocol != Protocol::Tcp)
+}
+
+fn has_tcp_port(ports: &[Port]) -> bool {
+    ports.iter().any(|p| p.protocol == Protocol::Tcp)
+}
+
+/// One `[[service_entry]]` under validation: its raw keys, where it starts,
+/// and the `service_entry "NAME": ` context its errors carry. Each method
+/// checks one key or one rule between keys, in the order `validate_entry`
+/// calls them (the first failure is the one reported).
+struct EntryCheck<'a> {
+    ctx: &'a Ctx<'a>,
+    e: &'a RawEntry,
+    start: usize,
+    context: String,
+}
+
+impl<'a> EntryCheck<'a> {
+    fn new(ctx: &'a Ctx<'a>, index: usize, raw: &'a Spanned<RawEntry>) -> Self {
+        let e = raw.get_ref();
+        // The name errors are reported under, before the name is validated.
+        let provisional = e
+            .name
+            .as_ref()
+            .map(|n| n.get_ref().clone())
+            .or_else(|| e.hosts.as_ref().and_then(|h| h.get_ref().first().cloned()))
+            .unwrap_or_else(|| format!("#{}", index + 1));
+        EntryCheck {
+            ctx,
+            e,
+            start: raw.span().start,
+            context: format!("service_entry \"{provisional}\": "),
+        }
+    }
+
+    fn err(&self, off: usize, key: &str, message: impl fmt::Display) -> ConfigError {
+        self.ctx.err(off, &self.context, key, message)
+    }
+
+    /// Where a key's value starts, or the entry's start when it is absent.
+    fn at<T>(&self, v: &Option<Spanned<T>>) -> usize {
+        v.as_ref().map(|v| v.span().start).unwrap_or(self.start)
+    }
+
+    fn hosts(&self) -> Result<Vec<HostPattern>, ConfigError> {
+        let Some(h) = &self.e.hosts else {
+            return Ok(Vec::new());
+        };
+        h.get_ref()
+            .iter()
+            .map(|s| HostPattern::parse(s).map_err(|m| self.err(h.span().start, "hosts", m)))
+            .collect()
+    }
+
+    fn ports(&self) -> Result<Vec<Port>, ConfigError> {
+        let raw = self.e.ports.as_ref().ok_or_else(|| {
+            self.err(
+                self.start,
+                "ports",
+                "is required (e.g. ports = [{ number = 443, protocol = \"TLS\" }])",
+            )
+        })?;
+        let off = raw.span().start;
+        let mut ports = Vec::new();
+        let mut seen = HashSet::new();
+        for p in raw.get_ref() {
+            let number = port_num(self.ctx, p.number, off, &self.context, "ports")?;
+            let proto = protocol(&p.protocol).map_err(|m| self.err(off, "ports", m))?;
+            if !seen.insert(number) {
+                return Err(self.err(off, "ports", format!("port {number} is listed twice")));
+            }
+            ports.push(Port {
+                number,
+                name: p.name.clone(),
+                protocol: proto,
+            });
+        }
+        if ports.is_empty() {
+            return Err(self.err(off, "ports", "at least one port is needed"));
+        }
+        Ok(ports)
+    }
+
+    /// Written, or DNS when a port is matched by name, else NONE.
+    fn resolution(&self, ports: &[Port]) -> Result<Resolution, ConfigError> {
+        let Some(r) = &self.e.resolution else {
+            return Ok(if has_named_port(ports) {
+                Resolution::Dns
+            } else {
+                Resolution::None
+            });
+        };
+        match r.get_ref().to_ascii_uppercase().as_str() {
+            "DNS" => Ok(Resolution::Dns),
+            "NONE" => Ok(Resolution::None),
+            "STATIC" => Ok(Resolution::Static),
+            other => Err(self.err(
+                r.span().start,
+                "resolution",
+                format!("`{other}` is not DNS, NONE or STATIC"),
+            )),
+        }
+    }
+
+    fn addresses(&self) -> Result<Vec<Cidr>, ConfigError> {
+        match &self.e.addresses {
+            None => Ok(Vec::new()),
+            Some(v) => cidrs(self.ctx, v, &self.context, "addresses"),
+        }
+    }
+
+    fn endpoints(&self) -> Result<Vec<Endpoint>, ConfigError> {
+        let Some(v) = &self.e.endpoints else {
+            return Ok(Vec::new());
+        };
+        let off = v.span().start;
+        let mut endpoints = Vec::new();
+        for ep in v.get_ref() {
+            let address: IpAddr = ep
+                .address
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .parse()
+                .map_err(|_| {
+                    self.err(
+                        off,
+                        "endpoints",
+                        format!("`{}` is not an IP address", ep.address),
+                    )
+                })?;
+            let port = match ep.port {
+                None => None,
+                Some(n) => Some(port_num(self.ctx, n, off, &self.context, "endpoints")?),
+            };
+            endpoints.push(Endpoint {
+                address: crate::net::canonical_ip(address),
+                port,
+            });
+        }
+        Ok(endpoints)
+    }
+
+    /// Endpoints exactly when resolution is STATIC.
+    fn endpoints_fit(
+        &self,
+        resolution: Resolution,
+        endpoints: &[Endpoint],
+    ) -> Result<(), ConfigError> {
+        match resolution {
+            Resolution::Static if endpoints.is_empty() => Err(self.err(
+                self.at(&self.e.resolution),
+                "endpoints",
+                "resolution STATIC needs endpoints = [{ address = \"IP\", port = N }]",
+            )),
+            Resolution::Dns | Resolution::None if !endpoints.is_empty() => Err(self.err(
+                self.at(&self.e.endpoints),
+                "endpoints",
+                "endpoints are only used with resolution = \"STATIC\"",
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// An entry without hosts: TCP ports only, matched by address, named.
+    fn without_hosts(
+        &self,
+        hosts: &[HostPattern],
+        ports: &[Port],
+        resolution: Resolution,
+        addresses: &[Cidr],
+    ) -> Result<(), ConfigError> {
+        if !hosts.is_empty() {
+            return Ok(());
+        }
+        if has_named_port(ports) {
+            return Err(self.err(
+                self.start,
+                "hosts",
+                "TLS and HTTP ports are matched by name: list at least one host",
+            ));
+        }
+        if addresses.is_empty() {
+            return Err(self.err(
+                self.start,
+                "hosts",
+                "an entry needs hosts, or addresses for TCP ports",
+            ));
+        }
+        if self.e.name.is_none() {
+            return Err(self.err(self.start, "name", "an entry without hosts needs a name"));
+        }
+        if resolution == Resolution::Dns {
+            return Err(self.err(
+                self.at(&self.e.resolution),
+                "resolution",
+                "resolution DNS needs hosts to resolve",
+            ));
+        }
+        Ok(())
+    }
+
+    /// A TCP port is matched by address: `addresses`, or the addresses its
+    /// exact hosts resolve to.
+    fn tcp_by_address(
+        &self,
+        hosts: &[HostPattern],
+        ports: &[Port],
+        resolution: Resolution,
+        addresses: &[Cidr],
+    ) -> Result<(), ConfigError> {
+        if !has_tcp_port(ports) || !addresses.is_empty() {
+            return Ok(());
+        }
+        if resolution != Resolution::Dns {
+            return Err(self.err(
+                self.at(&self.e.resolution),
+                "addresses",
+                "a TCP port is matched by address only: give `addresses`, or resolution = \"DNS\" with exact hosts (to trust the client's choice of IP deliberately, write addresses = [\"0.0.0.0/0\", \"::/0\"])",
+            ));
+        }
+        if let Some(w) = hosts.iter().find(|h| h.is_wildcard()) {
+            return Err(self.err(
+                self.at(&self.e.hosts),
+                "hosts",
+                format!("`{w}` cannot be resolved ahead: a TCP port with resolution DNS needs exact hosts (or give `addresses`)"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// A TLS/HTTP entry with resolution NONE connects to the address the
+    /// client dialled, so it needs `addresses` to bound it.
+    fn named_by_address(
+        &self,
+        ports: &[Port],
+        resolution: Resolution,
+        addresses: &[Cidr],
+    ) -> Result<(), ConfigError> {
+        if has_named_port(ports) && resolution == Resolution::None && addresses.is_empty() {
+            return Err(self.err(
+                self.at(&self.e.resolution),
+                "addresses",
+                "a TLS/HTTP entry with resolution NONE would connect wherever the client dialled: give `addresses`, or use resolution DNS (to trust the client's choice deliberately, write addresses = [\"0.0.0.0/0\", \"::/0\"])",
+            ));
+        }
+        Ok(())
+    }
+
+    /// `name`, or the first host.
+    fn name(&self, hosts: &[HostPattern]) -> Result<String, ConfigError> {
+        let name = self
+            .e
+            .name
+            .as_ref()
+            .map(|n| n.get_ref().clone())
+            .unwrap_or_else(|| hosts.first().map(|h| h.to_string()).unwrap_or_default());
+        let off = self.at(&self.e.name);
+        // Names become Prometheus label values, which prometheus-client writes
+        // unescaped: a quote or backslash would break /metrics for everyone.
+        if name.is_empty()
+            || name.len() > 253
+            || name
+                .chars()
+                .any(|ch| ch.is_control() || ch == '"' || ch == '\\')
+        {
+            return Err(self.err(
+                off,
+                "name",
+                "names are 1-253 printable characters without quotes or backslashes (they are metric label values)",
+            ));
+        }
+        if matches!(name.as_str(), "BlackHole" | "Passthrough") {
+            return Err(self.err(
+                off,
+                "name",
+                format!("`{name}` is reserved for flows that match no entry"),
+            ));
+        }
+        Ok(name)
+    }
+
+    /// `check`'s warning for 0.0.0.0/0 or ::/0 in `addresses`.
+    fn trust_warning(&self, name: &str, addresses: &[Cidr]) -> Option<String> {
+        let everything: Vec<String> = addresses
+            .iter()
+            .filter(|a| a.is_everything())
+            .map(|a| a.to_string())
+            .collect();
+        (!everything.is_empty()).then(|| format!(
+            "{}:{}: service_entry \"{}\": addresses include {} which trusts the client's choice of IP: a client presenting an allowed name can reach any address",
+            self.ctx.path,
+            self.ctx.line_of(self.at(&self.e.addresses)),
+            name,
+            everything.join(", "),
+        ))
+    }
+
+    fn location(&self) -> Result<String, ConfigError> {
+        let Some(l) = &self.e.location else {
+            return Ok("MESH_EXTERNAL".to_string());
+        };
+        match l.get_ref().to_ascii_uppercase().as_str() {
+            v @ ("MESH_EXTERNAL" | "MESH_INTERNAL") => Ok(v.to_string()),
+            other => Err(self.err(
+                l.span().start,
+                "location",
+                format!("`{other}` is not MESH_EXTERNAL or MESH_INTERNAL"),
+            )),
+        }
+    }
 }
 
 /// `run` starts only if its own upstream traffic escapes the redirect: it
@@ -1728,10 +1822,37 @@ mod tests {
         assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
         assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
         assert_eq!(parse_duration("1h").unwrap(), Duration::from_secs(3600));
-        assert!(parse_duration("5").is_err());
-        assert!(parse_duration("5d").is_err());
-        assert!(parse_duration("s").is_err());
-        assert!(parse_duration("0.0001s").is_err());
+        assert_eq!(parse_duration("5"), Err(DurationError::NoUnit("5".into())));
+        assert_eq!(
+            parse_duration("5d"),
+            Err(DurationError::UnknownUnit {
+                input: "5d".into(),
+                unit: "d".into()
+            })
+        );
+        assert_eq!(
+            parse_duration("s"),
+            Err(DurationError::NotANumber("s".into()))
+        );
+        assert_eq!(
+            parse_duration("1.2.3s"),
+            Err(DurationError::NotANumber("1.2.3s".into()))
+        );
+        assert_eq!(
+            parse_duration("0.0001s"),
+            Err(DurationError::BelowResolution("0.0001s".into()))
+        );
+        assert_eq!(
+            parse_duration("2e9s"),
+            Err(DurationError::UnknownUnit {
+                input: "2e9s".into(),
+                unit: "e9s".into()
+            })
+        );
+        assert_eq!(
+            parse_duration("9999999999s"),
+            Err(DurationError::OutOfRange("9999999999s".into()))
+        );
         assert_eq!(parse_duration("0.0015s").unwrap(), Duration::from_millis(2));
         assert_eq!(format_duration(Duration::from_millis(200)), "200ms");
         assert_eq!(format_duration(Duration::from_secs(3600)), "1h");
@@ -1759,7 +1880,7 @@ mod tests {
         let src = "\n[[service_entry]]\nhosts = [\"a.example.com\"]\nports = [{ number = 443, protocol = \"HTTPS\" }]\n\n[[service_entry]]\nname = \"db\"\naddresses = [\"192.0.2.0/24\"]\nports = [{ number = 5432, protocol = \"TCP\" }]\n";
         let c = Config::parse(Path::new("t.toml"), src).unwrap();
         assert_eq!(c.entries[0].resolution, Resolution::Dns);
-        assert_eq!(c.entries[0].ports[0].protocol, PortProtocol::Tls);
+        assert_eq!(c.entries[0].ports[0].protocol, Protocol::Tls);
         assert_eq!(c.entries[0].line, 2);
         assert_eq!(c.entries[0].name, "a.example.com");
         assert_eq!(c.entries[1].resolution, Resolution::None);

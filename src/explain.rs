@@ -4,12 +4,10 @@ use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use crate::config::{Config, Policy, PortProtocol, Resolution};
+use crate::config::{Config, Policy, Resolution};
 use crate::name::{normalize, Presented};
 use crate::net::OrigDst;
-use crate::registry::{
-    DetectPlan, FlowFacts, FlowProtocol, NoResolved, Reason, Registry, Upstream,
-};
+use crate::registry::{DetectPlan, FlowFacts, NoResolved, Protocol, Reason, Registry, Upstream};
 
 /// The summary `check` prints for a valid file.
 pub fn summary(cfg: &Config) -> String {
@@ -64,7 +62,7 @@ pub fn summary(cfg: &Config) -> String {
         let ports: Vec<String> = e
             .ports
             .iter()
-            .map(|p| format!("{}/{}", p.number, p.protocol.as_str()))
+            .map(|p| format!("{}/{}", p.number, p.protocol.config_name()))
             .collect();
         let mut line = format!(
             "  {} ({}): {} on {}, resolution {}",
@@ -154,9 +152,9 @@ pub fn explain(cfg: Arc<Config>, dst: SocketAddr, sni: Option<&str>, host: Optio
     let dst = OrigDst::new(dst);
     let mut out = String::new();
     let (protocol, raw) = match (sni, host) {
-        (Some(s), _) => (FlowProtocol::Tls, Some(s)),
-        (_, Some(h)) => (FlowProtocol::Http, Some(h)),
-        _ => (FlowProtocol::Tcp, None),
+        (Some(s), _) => (Protocol::Tls, Some(s)),
+        (_, Some(h)) => (Protocol::Http, Some(h)),
+        _ => (Protocol::Tcp, None),
     };
     let presented = raw.map(normalize);
     let (name, failure) = match &presented {
@@ -179,7 +177,7 @@ pub fn explain(cfg: Arc<Config>, dst: SocketAddr, sni: Option<&str>, host: Optio
     let _ = writeln!(
         out,
         "flow: {} to {}{}",
-        protocol.as_str(),
+        protocol.log_name(),
         dst.0,
         match raw {
             Some(r) => format!(" presenting {r:?}"),
@@ -255,7 +253,7 @@ pub fn explain(cfg: Arc<Config>, dst: SocketAddr, sni: Option<&str>, host: Optio
             format!(
                 "{} ({} {})",
                 e.name,
-                p.protocol.as_str(),
+                p.protocol.config_name(),
                 e.origin(&cfg.path)
             )
         })
@@ -277,7 +275,7 @@ pub fn explain(cfg: Arc<Config>, dst: SocketAddr, sni: Option<&str>, host: Optio
             e.resolution == Resolution::Dns
                 && e.addresses.is_empty()
                 && e.port(dst.port())
-                    .is_some_and(|p| p.protocol == PortProtocol::Tcp)
+                    .is_some_and(|p| p.protocol == Protocol::Tcp)
         }) {
             let hosts: Vec<String> = e.hosts.iter().map(|h| h.to_string()).collect();
             let _ = writeln!(

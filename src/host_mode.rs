@@ -12,17 +12,38 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use tokio::signal::unix::{signal, SignalKind};
 
-use crate::config::Config;
-use crate::init::{self, BackendChoice};
+use crate::config::{Config, ConfigError};
+use crate::init::{self, BackendChoice, InitError};
+
+/// Why host mode could not run the proxy (the proxy's own failures are its
+/// exit status, not an error here).
+#[derive(Debug, thiserror::Error)]
+pub enum HostModeError {
+    #[error("portcullis run --redirect: must run as root (it installs iptables rules and then drops to proxy_uid)")]
+    NotRoot,
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("portcullis run --redirect: {0}")]
+    Install(#[source] InitError),
+    #[error("portcullis: cannot start the runtime: {0}")]
+    Runtime(#[source] std::io::Error),
+    #[error("portcullis: cannot find its own executable: {0}")]
+    CurrentExe(#[source] std::io::Error),
+    #[error("portcullis: cannot start the proxy as uid {uid}: {source}")]
+    Spawn { uid: u32, source: std::io::Error },
+    #[error("portcullis: cannot handle signals: {0}")]
+    Signals(#[source] std::io::Error),
+    #[error("portcullis: waiting for the proxy failed: {0}")]
+    Child(#[source] std::io::Error),
+}
 
 /// Runs host mode to the end; returns the exit status to use.
-pub fn run(path: &Path) -> Result<u8, String> {
+pub fn run(path: &Path) -> Result<u8, HostModeError> {
     if !nix::unistd::geteuid().is_root() {
-        return Err("portcullis run --redirect: must run as root (it installs iptables rules and then drops to proxy_uid)".into());
+        return Err(HostModeError::NotRoot);
     }
-    let cfg = Config::load(path).map_err(|e| e.to_string())?;
-    let installed = init::install(&cfg, BackendChoice::Auto)
-        .map_err(|e| format!("portcullis run --redirect: {e}"))?;
+    let cfg = Config::load(path)?;
+    let installed = init::install(&cfg, BackendChoice::Auto).map_err(HostModeError::Install)?;
     for n in &installed.notes {
         eprintln!("portcullis init: {n}");
     }
@@ -30,7 +51,7 @@ pub fn run(path: &Path) -> Result<u8, String> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .map_err(|e| format!("portcullis: cannot start the runtime: {e}"))?;
+        .map_err(HostModeError::Runtime)?;
     let status = rt.block_on(supervise(path, &cfg));
     match init::cleanup(BackendChoice::Auto, false) {
         Ok(_) => eprintln!("portcullis: redirect rules removed"),
@@ -41,8 +62,8 @@ pub fn run(path: &Path) -> Result<u8, String> {
     status
 }
 
-async fn supervise(path: &Path, cfg: &Config) -> Result<u8, String> {
-    let exe = std::env::current_exe().map_err(|e| format!("portcullis: {e}"))?;
+async fn supervise(path: &Path, cfg: &Config) -> Result<u8, HostModeError> {
+    let exe = std::env::current_exe().map_err(HostModeError::CurrentExe)?;
     let uid = cfg.redirect.proxy_uid;
     let gid = cfg.redirect.proxy_gid.unwrap_or(uid);
     let mut cmd = tokio::process::Command::new(exe);
@@ -56,15 +77,16 @@ async fn supervise(path: &Path, cfg: &Config) -> Result<u8, String> {
     // child is exactly proxy_uid/proxy_gid.
     let mut child = cmd
         .spawn()
-        .map_err(|e| format!("portcullis: cannot start the proxy as uid {uid}: {e}"))?;
+        .map_err(|source| HostModeError::Spawn { uid, source })?;
     let pid = child.id().map(|p| Pid::from_raw(p as i32));
-    let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
-    let mut int = signal(SignalKind::interrupt()).map_err(|e| e.to_string())?;
-    let mut hup = signal(SignalKind::hangup()).map_err(|e| e.to_string())?;
+    let handler = |kind| signal(kind).map_err(HostModeError::Signals);
+    let mut term = handler(SignalKind::terminate())?;
+    let mut int = handler(SignalKind::interrupt())?;
+    let mut hup = handler(SignalKind::hangup())?;
     loop {
         let sig = tokio::select! {
             st = child.wait() => {
-                let st = st.map_err(|e| e.to_string())?;
+                let st = st.map_err(HostModeError::Child)?;
                 return Ok(st.code().map(|c| c.clamp(0, 255) as u8).unwrap_or(1));
             }
             _ = term.recv() => Signal::SIGTERM,

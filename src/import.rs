@@ -644,7 +644,7 @@ fn convert_spec(spec: &Node, name: &str, notes: &mut Vec<String>) -> Result<Vec<
         if raw == "*" {
             return Err("host `*` matches every name: that is outbound_traffic_policy = \"ALLOW_ANY\", not an entry; list the hosts the workload needs".into());
         }
-        let p = HostPattern::parse(raw).map_err(|m| clean(&m))?;
+        let p = HostPattern::parse(raw).map_err(|m| clean(&m.to_string()))?;
         hosts.push(p);
     }
     if hosts.is_empty() {
@@ -727,7 +727,7 @@ fn convert_spec(spec: &Node, name: &str, notes: &mut Vec<String>) -> Result<Vec<
     let mut addresses = Vec::new();
     for a in spec.get("addresses").map(Node::seq).unwrap_or(&[]) {
         let raw = a.str().unwrap_or("");
-        let c: Cidr = raw.parse().map_err(|m: String| clean(&m))?;
+        let c = raw.parse::<Cidr>().map_err(|m| clean(&m.to_string()))?;
         addresses.push(c.to_string());
     }
 

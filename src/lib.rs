@@ -7,8 +7,8 @@
 //! - detect: `sys::original_dst`, then `detect` (ClientHello SNI, HTTP Host,
 //!   opaque);
 //! - decide: `registry` (the pure decision);
-//! - connect: `proxy::upstream` (resolve, connect, the loop guard) or
-//!   `proxy::deny`;
+//! - connect: `upstream` (resolve, connect, the loop guard; held by
+//!   `state`, so beside it rather than inside `proxy`) or `proxy::deny`;
 //! - relay: `relay` (splice), until the flow ends or `drain::closed` (a
 //!   revocation, the end of a drain) cuts it;
 //! - log: `access_log`, `metrics` and `denied` (the recently denied flows).
@@ -44,6 +44,8 @@ pub mod registry;
 pub mod relay;
 pub mod state;
 pub mod sys;
+pub mod upstream;
+pub mod vocab;
 
 // The control side.
 pub mod admin;

@@ -6,7 +6,12 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
-use portcullis::config::{Config, DEFAULT_PATH};
+use portcullis::config::{Config, ConfigError, DEFAULT_PATH};
+use portcullis::host_mode::HostModeError;
+use portcullis::import;
+use portcullis::init::InitError;
+use portcullis::server::RunError;
+use portcullis::wait::WaitError;
 
 #[derive(Parser)]
 #[command(
@@ -34,7 +39,7 @@ enum Command {
     Wait {
         #[arg(long, default_value = "http://127.0.0.1:15021/ready")]
         url: String,
-        #[arg(long, default_value = "60s", value_parser = parse_duration)]
+        #[arg(long, default_value = "60s", value_parser = portcullis::config::parse_duration)]
         timeout: std::time::Duration,
     },
     /// Install the iptables rules of [redirect] (IPv4 and IPv6).
@@ -100,34 +105,88 @@ enum Command {
     },
 }
 
+/// Why a command failed. Every command's error goes through [`report`]:
+/// one line on stderr and the exit code, both decided here and only here.
+#[derive(Debug, thiserror::Error)]
+enum Failure {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Run(#[from] RunError),
+    #[error("portcullis: cannot start the runtime: {0}")]
+    Runtime(std::io::Error),
+    #[error(transparent)]
+    HostMode(#[from] HostModeError),
+    #[error(transparent)]
+    Wait(#[from] WaitError),
+    #[error("portcullis init: {0}")]
+    Init(#[from] InitError),
+    #[error("portcullis import: {0}")]
+    Import(#[from] ImportFailure),
+    #[error("{0}")]
+    Status(String),
+    /// A request `explain` cannot take apart: a usage error, like clap's.
+    #[error("{0}")]
+    ExplainUsage(String),
+}
+
+impl Failure {
+    fn exit_code(&self) -> ExitCode {
+        match self {
+            Failure::ExplainUsage(_) => ExitCode::from(2),
+            _ => ExitCode::from(1),
+        }
+    }
+}
+
+/// `portcullis import`'s own failures (the input, not a config).
+#[derive(Debug, thiserror::Error)]
+enum ImportFailure {
+    #[error("-: cannot read stdin: {0}")]
+    Stdin(std::io::Error),
+    #[error("{file}: cannot read: {source}")]
+    Read {
+        file: String,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Convert(#[from] import::ImportError),
+    #[error("{first}:1: no ServiceEntry converted ({found} found, {refused} refused)")]
+    NothingConverted {
+        first: String,
+        found: usize,
+        refused: usize,
+    },
+}
+
+/// The one place a command's outcome becomes stderr text and an exit code.
+fn report(outcome: Result<ExitCode, Failure>) -> ExitCode {
+    outcome.unwrap_or_else(|e| {
+        eprintln!("{e}");
+        e.exit_code()
+    })
+}
+
 /// `portcullis import`: exit 1 when an input is unreadable or not YAML, or
 /// when no ServiceEntry was converted; warnings on stderr.
-fn import(files: &[PathBuf], namespace: Option<String>) -> ExitCode {
-    use portcullis::import;
+fn import(files: &[PathBuf], namespace: Option<String>) -> Result<(), ImportFailure> {
     let opts = import::Options { namespace };
     let mut out = import::Outcome::default();
     let mut sources = Vec::new();
     for f in files {
         let (shown, text) = if f.as_os_str() == "-" {
             let mut s = String::new();
-            if let Err(e) = std::io::Read::read_to_string(&mut std::io::stdin(), &mut s) {
-                eprintln!("portcullis import: -: cannot read stdin: {e}");
-                return ExitCode::from(1);
-            }
+            std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)
+                .map_err(ImportFailure::Stdin)?;
             ("-".to_string(), s)
         } else {
-            match std::fs::read_to_string(f) {
-                Ok(s) => (f.display().to_string(), s),
-                Err(e) => {
-                    eprintln!("portcullis import: {}: cannot read: {e}", f.display());
-                    return ExitCode::from(1);
-                }
-            }
+            let text = std::fs::read_to_string(f).map_err(|source| ImportFailure::Read {
+                file: f.display().to_string(),
+                source,
+            })?;
+            (f.display().to_string(), text)
         };
-        if let Err(e) = import::convert_file(&shown, &text, &opts, &mut out) {
-            eprintln!("portcullis import: {e}");
-            return ExitCode::from(1);
-        }
+        import::convert_file(&shown, &text, &opts, &mut out)?;
         sources.push(shown);
     }
     out.dedupe();
@@ -136,27 +195,18 @@ fn import(files: &[PathBuf], namespace: Option<String>) -> ExitCode {
     }
     let converted = out.entries.iter().filter(|e| e.refused.is_none()).count();
     if converted == 0 {
-        let first = sources.first().map(String::as_str).unwrap_or("-");
-        eprintln!(
-            "portcullis import: {first}:1: no ServiceEntry converted ({} found, {} refused)",
-            out.entries.len(),
-            out.entries.len() - converted
-        );
-        return ExitCode::from(1);
+        return Err(ImportFailure::NothingConverted {
+            first: sources.first().cloned().unwrap_or_else(|| "-".into()),
+            found: out.entries.len(),
+            refused: out.entries.len() - converted,
+        });
     }
     print!("{}", import::render_config(&sources, &out));
-    ExitCode::SUCCESS
+    Ok(())
 }
 
-fn load(path: &std::path::Path) -> Result<Arc<Config>, ExitCode> {
-    Config::load(path).map(Arc::new).map_err(|e| {
-        eprintln!("{e}");
-        ExitCode::from(1)
-    })
-}
-
-fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
-    portcullis::config::parse_duration(s)
+fn load(path: &std::path::Path) -> Result<Arc<Config>, ConfigError> {
+    Config::load(path).map(Arc::new)
 }
 
 fn init_tracing() {
@@ -171,89 +221,89 @@ fn init_tracing() {
         .init();
 }
 
-fn run_proxy(config: &std::path::Path) -> ExitCode {
+fn run_proxy(config: &std::path::Path) -> Result<(), Failure> {
     init_tracing();
-    match portcullis::server::start(config) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("{e}");
-            ExitCode::from(1)
-        }
-    }
+    portcullis::server::start(config).map_err(|e| match e {
+        RunError::Runtime(e) => Failure::Runtime(e),
+        e => Failure::Run(e),
+    })
 }
 
-fn main() -> ExitCode {
-    let cli = Cli::parse();
-    match cli.command {
+fn init(opts: &portcullis::init::Options) -> Result<(), InitError> {
+    let out = portcullis::init::run(opts)?;
+    for note in &out.notes {
+        eprintln!("portcullis init: {note}");
+    }
+    print!("{}", out.stdout);
+    Ok(())
+}
+
+fn check(config: &std::path::Path) -> Result<(), ConfigError> {
+    let cfg = load(config)?;
+    print!("{}", portcullis::explain::summary(&cfg));
+    if let Some(w) = portcullis::upstream::resolve::loopback_warning(&cfg.proxy) {
+        println!("warning: {w}");
+    }
+    Ok(())
+}
+
+/// What `explain` was asked about: an original destination (transparent
+/// mode) or an explicit-proxy request.
+struct Question {
+    dst: Option<SocketAddr>,
+    connect: Option<String>,
+    url: Option<String>,
+    sni: Option<String>,
+    host: Option<String>,
+}
+
+fn explain(config: &std::path::Path, q: Question) -> Result<(), Failure> {
+    let cfg = load(config)?;
+    let (sni, host) = (q.sni.as_deref(), q.host.as_deref());
+    let text = match q.dst {
+        Some(dst) => portcullis::explain::explain(cfg, dst, sni, host),
+        None => portcullis::proxy::explicit::explain(
+            cfg,
+            q.connect.as_deref(),
+            q.url.as_deref(),
+            sni,
+            host,
+        )
+        .map_err(Failure::ExplainUsage)?,
+    };
+    print!("{text}");
+    Ok(())
+}
+
+/// Runs one command; `Ok` carries the exit code of a success (host mode
+/// passes on the proxy's own).
+fn dispatch(command: Command) -> Result<ExitCode, Failure> {
+    match command {
         Command::Run {
             config,
             redirect: false,
-        } => run_proxy(&config),
+        } => run_proxy(&config)?,
         Command::Run {
             config,
             redirect: true,
-        } => match portcullis::host_mode::run(&config) {
-            Ok(code) => ExitCode::from(code),
-            Err(e) => {
-                eprintln!("{e}");
-                ExitCode::from(1)
-            }
-        },
-        Command::Wait { url, timeout } => match portcullis::wait::wait(&url, timeout) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("{e}");
-                ExitCode::from(1)
-            }
-        },
+        } => return Ok(ExitCode::from(portcullis::host_mode::run(&config)?)),
+        Command::Wait { url, timeout } => portcullis::wait::wait(&url, timeout)?,
         Command::Init {
             config,
             dry_run,
             cleanup,
             backend,
-        } => {
-            let opts = portcullis::init::Options {
-                config,
-                dry_run,
-                cleanup,
-                backend,
-            };
-            match portcullis::init::run(&opts) {
-                Ok(out) => {
-                    for note in &out.notes {
-                        eprintln!("portcullis init: {note}");
-                    }
-                    print!("{}", out.stdout);
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("portcullis init: {e}");
-                    ExitCode::from(1)
-                }
-            }
-        }
-        Command::Import { files, namespace } => import(&files, namespace),
-        Command::Check { config } => match load(&config) {
-            Ok(cfg) => {
-                print!("{}", portcullis::explain::summary(&cfg));
-                if let Some(w) = portcullis::proxy::resolve::loopback_warning(&cfg.proxy) {
-                    println!("warning: {w}");
-                }
-                ExitCode::SUCCESS
-            }
-            Err(code) => code,
-        },
+        } => init(&portcullis::init::Options {
+            config,
+            dry_run,
+            cleanup,
+            backend,
+        })?,
+        Command::Import { files, namespace } => import(&files, namespace)?,
+        Command::Check { config } => check(&config)?,
         Command::Status { url, top, all } => {
-            match portcullis::page::status::status(&url, top, all) {
-                Ok(text) => {
-                    print!("{text}");
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("{e}");
-                    ExitCode::from(1)
-                }
-            }
+            let text = portcullis::page::status::status(&url, top, all).map_err(Failure::Status)?;
+            print!("{text}");
         }
         Command::Explain {
             config,
@@ -262,30 +312,20 @@ fn main() -> ExitCode {
             url,
             sni,
             host,
-        } => match load(&config) {
-            Ok(cfg) => {
-                let text = match (dst, connect, url) {
-                    (Some(dst), _, _) => {
-                        portcullis::explain::explain(cfg, dst, sni.as_deref(), host.as_deref())
-                    }
-                    (None, connect, url) => match portcullis::proxy::explicit::explain(
-                        cfg,
-                        connect.as_deref(),
-                        url.as_deref(),
-                        sni.as_deref(),
-                        host.as_deref(),
-                    ) {
-                        Ok(t) => t,
-                        Err(e) => {
-                            eprintln!("{e}");
-                            return ExitCode::from(2);
-                        }
-                    },
-                };
-                print!("{text}");
-                ExitCode::SUCCESS
-            }
-            Err(code) => code,
-        },
+        } => explain(
+            &config,
+            Question {
+                dst,
+                connect,
+                url,
+                sni,
+                host,
+            },
+        )?,
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn main() -> ExitCode {
+    report(dispatch(Cli::parse().command))
 }

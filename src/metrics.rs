@@ -12,12 +12,15 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
+use crate::vocab::{Decision, Protocol, Reason};
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ConnLabels {
-    pub decision: &'static str,
-    pub protocol: &'static str,
+    pub decision: Decision,
+    pub protocol: Protocol,
     pub entry: String,
-    pub reason: &'static str,
+    /// Empty for an allowed flow.
+    pub reason: Option<Reason>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -271,16 +274,18 @@ fn cpu_seconds(stat: &str, ticks: f64) -> Option<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    #[allow(unused_imports)]
+    use crate::vocab::{Decision, Mode, Protocol, Reason};
 
     #[test]
     fn exposition_names_and_eof() {
         let m = Metrics::new();
         m.connections
             .get_or_create(&ConnLabels {
-                decision: "deny",
-                protocol: "tls",
+                decision: Decision::Deny,
+                protocol: Protocol::Tls,
                 entry: "BlackHole".into(),
-                reason: "not_in_registry",
+                reason: Some(Reason::NotInRegistry),
             })
             .inc();
         m.detect_seconds.observe(0.002);

@@ -60,19 +60,30 @@ pub enum HostPattern {
     Wildcard(String),
 }
 
+/// Why a string is not a registry host.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HostPatternError {
+    #[error("a bare `*` host is not allowed: use outbound_traffic_policy = \"ALLOW_ANY\" to allow everything")]
+    BareWildcard,
+    #[error("host `{0}`: `*` is allowed only as the whole first label (`*.example.com`)")]
+    MisplacedWildcard(String),
+    #[error("host `{0}` is an IP address: put addresses in `addresses`, hosts are DNS names")]
+    IpLiteral(String),
+    #[error("host `{0}` is not a valid DNS name")]
+    NotDnsName(String),
+}
+
 impl HostPattern {
-    pub fn parse(raw: &str) -> Result<HostPattern, String> {
+    pub fn parse(raw: &str) -> Result<HostPattern, HostPatternError> {
         if raw == "*" {
-            return Err("a bare `*` host is not allowed: use outbound_traffic_policy = \"ALLOW_ANY\" to allow everything".into());
+            return Err(HostPatternError::BareWildcard);
         }
         let (wild, rest) = match raw.strip_prefix("*.") {
             Some(r) => (true, r),
             None => (false, raw),
         };
         if rest.contains('*') {
-            return Err(format!(
-                "host `{raw}`: `*` is allowed only as the whole first label (`*.example.com`)"
-            ));
+            return Err(HostPatternError::MisplacedWildcard(raw.to_string()));
         }
         match normalize(rest) {
             Presented::Name(n) => Ok(if wild {
@@ -80,10 +91,8 @@ impl HostPattern {
             } else {
                 HostPattern::Exact(n)
             }),
-            Presented::IpLiteral => Err(format!(
-                "host `{raw}` is an IP address: put addresses in `addresses`, hosts are DNS names"
-            )),
-            Presented::Invalid => Err(format!("host `{raw}` is not a valid DNS name")),
+            Presented::IpLiteral => Err(HostPatternError::IpLiteral(raw.to_string())),
+            Presented::Invalid => Err(HostPatternError::NotDnsName(raw.to_string())),
         }
     }
 
@@ -152,10 +161,21 @@ mod tests {
         assert!(!w.matches("example.com"));
         assert!(!w.matches("xexample.com"));
         assert!(!w.matches(".example.com"));
-        assert!(HostPattern::parse("*").is_err());
-        assert!(HostPattern::parse("a.*.com").is_err());
-        assert!(HostPattern::parse("**.com").is_err());
-        assert!(HostPattern::parse("192.0.2.1").is_err());
+        assert_eq!(HostPattern::parse("*"), Err(HostPatternError::BareWildcard));
+        for misplaced in ["a.*.com", "**.com"] {
+            assert_eq!(
+                HostPattern::parse(misplaced),
+                Err(HostPatternError::MisplacedWildcard(misplaced.into()))
+            );
+        }
+        assert_eq!(
+            HostPattern::parse("192.0.2.1"),
+            Err(HostPatternError::IpLiteral("192.0.2.1".into()))
+        );
+        assert_eq!(
+            HostPattern::parse("a b.com"),
+            Err(HostPatternError::NotDnsName("a b.com".into()))
+        );
         assert_eq!(
             HostPattern::parse("Api.Example.com.").unwrap(),
             HostPattern::Exact("api.example.com".into())

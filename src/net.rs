@@ -123,9 +123,18 @@ fn mask(ip: IpAddr, prefix: u8) -> IpAddr {
     }
 }
 
+/// Why a string is not an address or CIDR; the string as written.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CidrError {
+    #[error("`{0}` is not an IP address or CIDR")]
+    NotAnAddress(String),
+    #[error("`{0}` has an invalid prefix length")]
+    BadPrefix(String),
+}
+
 impl FromStr for Cidr {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = CidrError;
+    fn from_str(s: &str) -> Result<Self, CidrError> {
         let (ip, prefix) = match s.split_once('/') {
             Some((ip, p)) => (ip, Some(p)),
             None => (s, None),
@@ -134,7 +143,7 @@ impl FromStr for Cidr {
             .trim_start_matches('[')
             .trim_end_matches(']')
             .parse()
-            .map_err(|_| format!("`{s}` is not an IP address or CIDR"))?;
+            .map_err(|_| CidrError::NotAnAddress(s.to_string()))?;
         let max = if ip.is_ipv4() { 32 } else { 128 };
         let prefix = match prefix {
             None => max,
@@ -142,9 +151,9 @@ impl FromStr for Cidr {
                 .parse::<u8>()
                 .ok()
                 .filter(|p| *p <= max)
-                .ok_or_else(|| format!("`{s}` has an invalid prefix length"))?,
+                .ok_or_else(|| CidrError::BadPrefix(s.to_string()))?,
         };
-        Cidr::new(ip, prefix).ok_or_else(|| format!("`{s}` has an invalid prefix length"))
+        Cidr::new(ip, prefix).ok_or_else(|| CidrError::BadPrefix(s.to_string()))
     }
 }
 
@@ -177,8 +186,18 @@ mod tests {
             "10.1.2.3/8".parse::<Cidr>().unwrap().to_string(),
             "10.0.0.0/8"
         );
-        assert!("10.0.0.0/33".parse::<Cidr>().is_err());
-        assert!("nope".parse::<Cidr>().is_err());
+        assert_eq!(
+            "10.0.0.0/33".parse::<Cidr>(),
+            Err(CidrError::BadPrefix("10.0.0.0/33".into()))
+        );
+        assert_eq!(
+            "10.0.0.0/x".parse::<Cidr>(),
+            Err(CidrError::BadPrefix("10.0.0.0/x".into()))
+        );
+        assert_eq!(
+            "nope".parse::<Cidr>(),
+            Err(CidrError::NotAnAddress("nope".into()))
+        );
         assert_eq!(
             "192.0.2.7".parse::<Cidr>().unwrap().to_string(),
             "192.0.2.7/32"

@@ -9,92 +9,10 @@ use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
-use crate::config::{Config, Policy, PortProtocol, Resolution, ServiceEntry};
+use crate::config::{Config, Policy, Resolution, ServiceEntry};
 use crate::name::HostPattern;
 use crate::net::{canonical_ip, Cidr, OrigDst};
-
-/// What the detector made of the client's first bytes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum FlowProtocol {
-    Tls,
-    Http,
-    /// Opaque (the access log's `tcp`).
-    Tcp,
-}
-
-impl FlowProtocol {
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            FlowProtocol::Tls => "tls",
-            FlowProtocol::Http => "http",
-            FlowProtocol::Tcp => "tcp",
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Decision {
-    Allow,
-    Deny,
-    Passthrough,
-    Audit,
-}
-
-impl Decision {
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            Decision::Allow => "allow",
-            Decision::Deny => "deny",
-            Decision::Passthrough => "passthrough",
-            Decision::Audit => "audit",
-        }
-    }
-}
-
-/// Why a flow was not allowed by an entry (or would not have been).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Reason {
-    Loop,
-    NotInRegistry,
-    AddressMismatch,
-    Malformed,
-    TooLarge,
-    Timeout,
-    Dns,
-    Overload,
-    /// Explicit proxy: the ClientHello inside a CONNECT tunnel names another host.
-    SniMismatch,
-    /// Explicit proxy: the Host inside a CONNECT tunnel, or of an
-    /// absolute-form request, names another host.
-    HostMismatch,
-    /// Explicit proxy: the name resolves only to loopback, link-local,
-    /// unspecified, multicast or the proxy's own addresses.
-    ForbiddenAddress,
-    /// Explicit proxy: the client is outside `explicit_clients`.
-    ClientNotAllowed,
-}
-
-impl Reason {
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            Reason::Loop => "loop",
-            Reason::NotInRegistry => "not_in_registry",
-            Reason::AddressMismatch => "address_mismatch",
-            Reason::Malformed => "malformed",
-            Reason::TooLarge => "too_large",
-            Reason::Timeout => "timeout",
-            Reason::Dns => "dns",
-            Reason::Overload => "overload",
-            Reason::SniMismatch => "sni_mismatch",
-            Reason::HostMismatch => "host_mismatch",
-            Reason::ForbiddenAddress => "forbidden_address",
-            Reason::ClientNotAllowed => "client_not_allowed",
-        }
-    }
-}
+pub use crate::vocab::{Decision, Protocol, Reason};
 
 /// Where an allowed or passed flow goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -124,11 +42,24 @@ pub struct Verdict {
     pub upstream: Option<Upstream>,
 }
 
+impl Verdict {
+    /// A deny for `reason` that no entry could change (loop, overload, the
+    /// explicit proxy's own refusals).
+    pub fn refused(reason: Reason) -> Verdict {
+        Verdict {
+            decision: Decision::Deny,
+            entry: None,
+            reason: Some(reason),
+            upstream: None,
+        }
+    }
+}
+
 /// The facts of a flow after detection.
 #[derive(Debug, Clone)]
 pub struct FlowFacts<'a> {
     pub dst: OrigDst,
-    pub protocol: FlowProtocol,
+    pub protocol: Protocol,
     /// Normalised name; None for opaque flows and IP literals.
     pub name: Option<&'a str>,
     /// Detection failed (malformed, too_large, timeout).
@@ -202,9 +133,9 @@ impl Registry {
             for p in &e.ports {
                 let idx = ports.entry(p.number).or_default();
                 match p.protocol {
-                    PortProtocol::Tls | PortProtocol::Http => {
+                    Protocol::Tls | Protocol::Http => {
                         idx.has_named = true;
-                        let names = if p.protocol == PortProtocol::Tls {
+                        let names = if p.protocol == Protocol::Tls {
                             &mut idx.tls
                         } else {
                             &mut idx.http
@@ -220,7 +151,7 @@ impl Registry {
                             }
                         }
                     }
-                    PortProtocol::Tcp => {
+                    Protocol::Tcp => {
                         for c in &e.addresses {
                             if c.is_host() {
                                 idx.tcp_hosts.entry(c.addr()).or_default().push(i);
@@ -253,12 +184,7 @@ impl Registry {
     /// Step 1: a flow that was not redirected, or that comes from one of
     /// our own upstream sockets, is a loop — never audited, never passed.
     pub fn loop_verdict() -> Verdict {
-        Verdict {
-            decision: Decision::Deny,
-            entry: None,
-            reason: Some(Reason::Loop),
-            upstream: None,
-        }
+        Verdict::refused(Reason::Loop)
     }
 
     /// Step 3: a TCP candidate that admits D.ip decides at once.
@@ -352,9 +278,9 @@ impl Registry {
             .get(&facts.dst.port())
             .ok_or(Reason::NotInRegistry)?;
         let names = match facts.protocol {
-            FlowProtocol::Tls => &idx.tls,
-            FlowProtocol::Http => &idx.http,
-            FlowProtocol::Tcp => return Err(Reason::NotInRegistry),
+            Protocol::Tls => &idx.tls,
+            Protocol::Http => &idx.http,
+            Protocol::Tcp => return Err(Reason::NotInRegistry),
         };
         let ip = facts.dst.ip();
         let mut host_matched = false;
@@ -421,7 +347,7 @@ impl Registry {
             .filter(|(_, e)| {
                 e.resolution == Resolution::Dns
                     && e.addresses.is_empty()
-                    && e.ports.iter().any(|p| p.protocol == PortProtocol::Tcp)
+                    && e.ports.iter().any(|p| p.protocol == Protocol::Tcp)
             })
             .map(|(i, e)| (i, e.hosts.iter().map(|h| h.to_string()).collect()))
             .collect()

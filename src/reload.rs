@@ -431,7 +431,7 @@ mod tests {
             hosts.display()
         );
         let config = Arc::new(cfg(&text));
-        let shared = Shared::new(config.clone()).unwrap();
+        let shared = Shared::new(config.clone(), 0).unwrap();
         let old = shared.generation();
         crate::state::spawn_tcp_resolution(shared.clone(), old.clone());
         let ip: std::net::IpAddr = "192.0.2.10".parse().unwrap();

@@ -21,6 +21,9 @@ pub enum RunError {
     SelfExclusion(String),
     #[error("{0}")]
     Io(#[from] std::io::Error),
+    /// A tokio runtime (the control runtime or a worker's) could not be built.
+    #[error("cannot start the runtime: {0}")]
+    Runtime(std::io::Error),
 }
 
 /// Refuses to start when the proxy's own upstream traffic would be
@@ -28,10 +31,7 @@ pub enum RunError {
 pub fn check_self_exclusion(cfg: &Config) -> Result<(), RunError> {
     let euid = nix::unistd::geteuid().as_raw();
     let egid = nix::unistd::getegid().as_raw();
-    let mark_works = cfg
-        .redirect
-        .mark
-        .is_some_and(crate::proxy::upstream::mark_works);
+    let mark_works = cfg.redirect.mark.is_some_and(crate::upstream::mark_works);
     crate::config::check_self_exclusion(&cfg.redirect, euid, egid, mark_works)
         .map_err(RunError::SelfExclusion)
 }
@@ -42,7 +42,7 @@ pub fn start(path: &Path) -> Result<(), RunError> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .map_err(|e| std::io::Error::new(e.kind(), format!("cannot start the runtime: {e}")))?;
+        .map_err(RunError::Runtime)?;
     rt.block_on(run(path))
 }
 
@@ -58,11 +58,12 @@ pub fn worker_count() -> usize {
 fn spawn_workers(
     shared: &Arc<Shared>,
     sets: Vec<Vec<std::net::TcpListener>>,
-) -> std::io::Result<()> {
+) -> Result<(), RunError> {
     for (i, set) in sets.into_iter().enumerate() {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
-            .build()?;
+            .build()
+            .map_err(RunError::Runtime)?;
         let shared = shared.clone();
         std::thread::Builder::new()
             .name(format!("portcullis-w{i}"))
@@ -126,7 +127,7 @@ pub async fn run(path: &Path) -> Result<(), RunError> {
         int: signal(SignalKind::interrupt())?,
         hup: signal(SignalKind::hangup())?,
     };
-    let shared = Shared::new(config.clone())?;
+    let shared = Shared::new(config.clone(), crate::endpoint::reserved_fds(&config.proxy))?;
     if !config.proxy.listen.is_empty() {
         let workers = worker_count();
         let sets = bind_worker_listeners(&config.proxy.listen, workers)?;

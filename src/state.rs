@@ -2,9 +2,12 @@
 //! metrics, the access log and the denied store, the dialer, the pipe pool,
 //! the connection limit, the revocations) and what the control side sets
 //! (reload status, draining, revocations). The data path (`proxy`, `drain`)
-//! and the control side (`admin`, `reload`, `page`, `server`) both depend on
-//! this module; it uses none of the control side (only the fd figure of
-//! `endpoint::reserved_fds`, and the dialer of `proxy::upstream`). The
+//! and the control side (`admin`, `endpoint`, `reload`, `page`, `server`)
+//! both depend on this module, and it depends on neither: the dialer it
+//! holds is `upstream`'s (a module beside this one, not part of `proxy`),
+//! and the file descriptors the health and admin listeners reserve come in
+//! as a number from the caller (`server` asks `endpoint::reserved_fds`), so
+//! no path leads from here back to a module that reads `Shared`. The
 //! background resolution of DNS TCP entries lives here too, since it writes
 //! the generation's addresses.
 
@@ -21,9 +24,9 @@ use crate::access_log::{AccessLogger, FlowRecord};
 use crate::config::{Config, MaxConnections};
 use crate::denied::Denied;
 use crate::metrics::Metrics;
-use crate::proxy::upstream::{Dialer, Resolved, Resolver};
 use crate::registry::{Registry, ResolvedAddrs};
 use crate::relay::{PipePool, RelayMode};
+use crate::upstream::{Dialer, Resolved, Resolver};
 
 /// Addresses of DNS-resolved TCP entries, refreshed in the background.
 pub struct TcpResolved {
@@ -230,9 +233,11 @@ pub const MAX_PIPES: usize = 256;
 pub const PIPE_SIZE: usize = 256 * 1024;
 
 impl Shared {
-    pub fn new(config: Arc<Config>) -> io::Result<Arc<Shared>> {
+    /// The state `portcullis run` starts with. `endpoint_fds` is what the
+    /// health and admin listeners may hold (`endpoint::reserved_fds`): the
+    /// budget of `max_connections = "auto"` leaves it out.
+    pub fn new(config: Arc<Config>, endpoint_fds: u64) -> io::Result<Arc<Shared>> {
         let nofile = crate::sys::raise_nofile();
-        let endpoint_fds = crate::endpoint::reserved_fds(&config.proxy);
         let max_connections = match config.proxy.max_connections {
             MaxConnections::Fixed(n) => n,
             MaxConnections::Auto => {
@@ -280,7 +285,7 @@ impl Shared {
 /// capabilities, the uid exclusion does the work and marking is skipped.
 fn usable_mark(mark: Option<u32>) -> Option<u32> {
     let m = mark?;
-    if crate::proxy::upstream::mark_works(m) {
+    if crate::upstream::mark_works(m) {
         Some(m)
     } else {
         tracing::info!(

@@ -11,32 +11,78 @@ use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
+use crate::config::format_duration;
+
+/// Why `wait` gave up. Every message names the command: it is often the
+/// first line of a container's log (`portcullis wait && exec app`).
+#[derive(Debug, thiserror::Error)]
+pub enum WaitError {
+    #[error("portcullis wait: {url}: {problem}")]
+    Url { url: String, problem: UrlProblem },
+    #[error("portcullis wait: not ready after {} ({last})", format_duration(*timeout))]
+    NotReady { timeout: Duration, last: Probe },
+}
+
+/// What is wrong with the `--url`: only `http://IP[:PORT][/PATH]` is taken.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UrlProblem {
+    #[error("only http:// URLs are supported")]
+    NotHttp,
+    #[error("no host")]
+    NoHost,
+    #[error("unclosed `[` in the host")]
+    UnclosedBracket,
+    #[error("`{0}` after the IPv6 address")]
+    AfterIpv6(String),
+    #[error("`{0}` is not a port number")]
+    NotAPort(String),
+    #[error("an IPv6 address goes in brackets, e.g. http://[::1]:15021/ready")]
+    Ipv6WithoutBrackets,
+    #[error("the host must be an IP address or localhost (wait does not look names up)")]
+    NotAnAddress,
+}
+
+/// The last probe before the deadline, said in the timeout's message.
+#[derive(Debug, thiserror::Error)]
+pub enum Probe {
+    #[error("no attempt")]
+    None,
+    #[error("{url} answered {code}")]
+    Answered { url: String, code: u16 },
+    #[error("{url}: {source}")]
+    Failed { url: String, source: std::io::Error },
+}
+
 /// Splits `http://HOST[:PORT][/PATH]` into the authority (for the Host
 /// header), the addresses to try and the path. HOST is an IPv4 address, an
 /// IPv6 address in brackets, or `localhost` (127.0.0.1, then ::1); PORT
 /// defaults to 80.
-fn parse_url(url: &str) -> Result<(String, Vec<SocketAddr>, String), String> {
+fn parse_url(url: &str) -> Result<(String, Vec<SocketAddr>, String), WaitError> {
+    let bad = |problem| WaitError::Url {
+        url: url.to_string(),
+        problem,
+    };
     let rest = url
         .strip_prefix("http://")
-        .ok_or_else(|| format!("{url}: only http:// URLs are supported"))?;
+        .ok_or_else(|| bad(UrlProblem::NotHttp))?;
     let (authority, path) = match rest.find('/') {
         Some(i) => (&rest[..i], &rest[i..]),
         None => (rest, "/"),
     };
     if authority.is_empty() {
-        return Err(format!("{url}: no host"));
+        return Err(bad(UrlProblem::NoHost));
     }
     let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
         let (ip, after) = v6
             .split_once(']')
-            .ok_or_else(|| format!("{url}: unclosed `[` in the host"))?;
+            .ok_or_else(|| bad(UrlProblem::UnclosedBracket))?;
         match after {
             "" => (ip, None),
             p => (
                 ip,
                 Some(
                     p.strip_prefix(':')
-                        .ok_or_else(|| format!("{url}: `{p}` after the IPv6 address"))?,
+                        .ok_or_else(|| bad(UrlProblem::AfterIpv6(p.to_string())))?,
                 ),
             ),
         }
@@ -50,21 +96,17 @@ fn parse_url(url: &str) -> Result<(String, Vec<SocketAddr>, String), String> {
         None => 80,
         Some(p) => p
             .parse()
-            .map_err(|_| format!("{url}: `{p}` is not a port number"))?,
+            .map_err(|_| bad(UrlProblem::NotAPort(p.to_string())))?,
     };
     let ips: Vec<IpAddr> = if host.eq_ignore_ascii_case("localhost") {
         vec![Ipv4Addr::LOCALHOST.into(), Ipv6Addr::LOCALHOST.into()]
     } else if let Ok(ip) = host.parse::<IpAddr>() {
         if authority.starts_with('[') != ip.is_ipv6() {
-            return Err(format!(
-                "{url}: an IPv6 address goes in brackets, e.g. http://[::1]:15021/ready"
-            ));
+            return Err(bad(UrlProblem::Ipv6WithoutBrackets));
         }
         vec![ip]
     } else {
-        return Err(format!(
-            "{url}: the host must be an IP address or localhost (wait does not look names up)"
-        ));
+        return Err(bad(UrlProblem::NotAnAddress));
     };
     let addrs = ips
         .into_iter()
@@ -107,17 +149,27 @@ fn status_code(head: &[u8]) -> Option<u16> {
 
 /// Polls `url` until it answers 200 (then Ok) or `timeout` passes (then the
 /// last thing that went wrong).
-pub fn wait(url: &str, timeout: Duration) -> Result<(), String> {
+pub fn wait(url: &str, timeout: Duration) -> Result<(), WaitError> {
     let (authority, addrs, path) = parse_url(url)?;
     let deadline = Instant::now() + timeout;
-    let mut last = String::from("no attempt");
+    let mut last = Probe::None;
     loop {
         for &a in &addrs {
             let left = deadline.saturating_duration_since(Instant::now());
             match probe(a, &authority, &path, left) {
                 Ok(200) => return Ok(()),
-                Ok(code) => last = format!("{url} answered {code}"),
-                Err(e) => last = format!("{url}: {e}"),
+                Ok(code) => {
+                    last = Probe::Answered {
+                        url: url.to_string(),
+                        code,
+                    }
+                }
+                Err(source) => {
+                    last = Probe::Failed {
+                        url: url.to_string(),
+                        source,
+                    }
+                }
             }
         }
         let left = deadline.saturating_duration_since(Instant::now());
@@ -126,10 +178,7 @@ pub fn wait(url: &str, timeout: Duration) -> Result<(), String> {
         }
         std::thread::sleep(left.min(Duration::from_millis(200)));
     }
-    Err(format!(
-        "portcullis wait: not ready after {} ({last})",
-        crate::config::format_duration(timeout)
-    ))
+    Err(WaitError::NotReady { timeout, last })
 }
 
 #[cfg(test)]
@@ -150,7 +199,6 @@ mod tests {
                 "/ready".into()
             )
         );
-        assert!(parse_url("https://x/").is_err());
         assert_eq!(
             parse_url("http://[::1]:15021").unwrap(),
             ("[::1]:15021".into(), vec![sa("[::1]:15021")], "/".into())
@@ -169,6 +217,13 @@ mod tests {
         );
     }
 
+    fn problem(url: &str) -> UrlProblem {
+        match parse_url(url) {
+            Err(WaitError::Url { url: u, problem }) if u == url => problem,
+            other => panic!("{url}: {other:?}"),
+        }
+    }
+
     #[test]
     fn names_are_refused_not_looked_up() {
         // A static binary cannot call getaddrinfo: a name is a usage error,
@@ -178,20 +233,30 @@ mod tests {
             "http://portcullis:15021/",
             "http://localhost.:15021/",
         ] {
-            let e = parse_url(url).unwrap_err();
-            assert!(e.contains("IP address or localhost"), "{url}: {e}");
+            assert_eq!(problem(url), UrlProblem::NotAnAddress, "{url}");
         }
         for (url, want) in [
-            ("http://::1:15021/", "brackets"),
-            ("http://[::1/", "unclosed"),
-            ("http://[::1]x/", "after the IPv6"),
-            ("http://127.0.0.1:http/", "not a port"),
-            ("http://127.0.0.1:70000/", "not a port"),
-            ("http:///ready", "no host"),
+            ("https://x/", UrlProblem::NotHttp),
+            ("http://::1:15021/", UrlProblem::Ipv6WithoutBrackets),
+            ("http://[::1/", UrlProblem::UnclosedBracket),
+            ("http://[::1]x/", UrlProblem::AfterIpv6("x".into())),
+            (
+                "http://127.0.0.1:http/",
+                UrlProblem::NotAPort("http".into()),
+            ),
+            (
+                "http://127.0.0.1:70000/",
+                UrlProblem::NotAPort("70000".into()),
+            ),
+            ("http:///ready", UrlProblem::NoHost),
         ] {
-            let e = parse_url(url).unwrap_err();
-            assert!(e.contains(want), "{url}: {e}");
+            assert_eq!(problem(url), want, "{url}");
         }
+        // the message names the command and the URL as given
+        assert_eq!(
+            parse_url("http://[::1]x/").unwrap_err().to_string(),
+            "portcullis wait: http://[::1]x/: `x` after the IPv6 address"
+        );
     }
 
     #[test]
@@ -214,7 +279,18 @@ mod tests {
         let t = Instant::now();
         let e = wait(&format!("http://{addr}/ready"), Duration::from_millis(500)).unwrap_err();
         assert!(t.elapsed() >= Duration::from_millis(500));
-        assert!(e.contains("not ready after 500ms"), "{e}");
+        assert!(
+            matches!(&e, WaitError::NotReady { last: Probe::Failed { source, .. }, .. }
+                if source.kind() == std::io::ErrorKind::ConnectionRefused),
+            "{e:?}"
+        );
+        let e = e.to_string();
+        assert!(
+            e.starts_with(&format!(
+                "portcullis wait: not ready after 500ms (http://{addr}/ready: "
+            )),
+            "{e}"
+        );
         assert!(e.contains("refused"), "{e}");
     }
 }

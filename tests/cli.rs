@@ -1,4 +1,4 @@
-//! `check` and `explain` run as a process: output, exit codes, file and line.
+//! The commands run as a process: output, exit codes, file and line.
 
 use std::path::Path;
 use std::process::Command;
@@ -79,6 +79,68 @@ fn usage_errors_exit_2() {
         2
     );
     assert_eq!(portcullis(&["frobnicate"]).0, 2);
+}
+
+/// Every command's failure is one line on stderr, prefixed where the command
+/// names itself, with exit 1 (2 for usage errors).
+#[test]
+fn every_command_reports_one_line_and_its_exit_code() {
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let status_url = format!("http://{closed}");
+    let cases: &[(&[&str], i32, &str)] = &[
+        (
+            &["wait", "--url", "https://x/", "--timeout", "1s"],
+            1,
+            "portcullis wait: https://x/: only http:// URLs are supported",
+        ),
+        (
+            &["wait", "--timeout", "soon"],
+            2,
+            "error: invalid value 'soon' for '--timeout <TIMEOUT>': `soon` is not a duration",
+        ),
+        (
+            &["init", "--dry-run", "-c", "/nonexistent/p.toml"],
+            1,
+            "portcullis init: /nonexistent/p.toml: cannot read: ",
+        ),
+        (
+            &["run", "-c", "/nonexistent/p.toml"],
+            1,
+            "/nonexistent/p.toml: cannot read: ",
+        ),
+        (
+            &["check", "-c", "/nonexistent/p.toml"],
+            1,
+            "/nonexistent/p.toml: cannot read: ",
+        ),
+        (
+            &["explain", "-c", "config.toml", "--connect", "nope"],
+            2,
+            "--connect \"nope\": expected HOST:PORT",
+        ),
+        (
+            &["import", "/nonexistent/se.yaml"],
+            1,
+            "portcullis import: /nonexistent/se.yaml: cannot read: ",
+        ),
+        (
+            &["status", "--url", &status_url],
+            1,
+            &format!("portcullis status: {status_url}/api/summary: "),
+        ),
+    ];
+    for (args, want_code, want) in cases {
+        let (code, out, err) = portcullis(args);
+        assert_eq!(code, *want_code, "{args:?}: {err}");
+        assert!(out.is_empty(), "{args:?}: {out}");
+        assert!(err.starts_with(want), "{args:?}: {err}");
+        if *want_code == 1 {
+            assert_eq!(err.lines().count(), 1, "{args:?}: one line: {err}");
+        }
+    }
 }
 
 #[test]

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use portcullis::config::Config;
 use portcullis::net::OrigDst;
 use portcullis::registry::{
-    Decision, DetectPlan, FlowFacts, FlowProtocol, NoResolved, Reason, Registry, Upstream,
+    Decision, DetectPlan, FlowFacts, NoResolved, Protocol, Reason, Registry, Upstream,
 };
 
 const REGISTRY: &str = r#"
@@ -84,7 +84,7 @@ fn registry(extra: &str) -> Registry {
 
 struct Case {
     dst: &'static str,
-    proto: FlowProtocol,
+    proto: Protocol,
     name: Option<&'static str>,
     want: Decision,
     entry: Option<&'static str>,
@@ -93,7 +93,7 @@ struct Case {
 
 fn c(
     dst: &'static str,
-    proto: FlowProtocol,
+    proto: Protocol,
     name: Option<&'static str>,
     want: Decision,
     entry: Option<&'static str>,
@@ -140,7 +140,7 @@ fn run(reg: &Registry, cases: &[Case]) {
 }
 
 use Decision::*;
-use FlowProtocol::*;
+use Protocol::*;
 
 #[test]
 fn host_matching_rules() {

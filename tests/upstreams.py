@@ -35,6 +35,12 @@ With ``--origdst PORT`` (used inside the pod namespace) it instead runs a fake
 proxy listener on 0.0.0.0:PORT and [::]:PORT that answers each connection with
 ``ORIGDST <addr>\\n`` (SO_ORIGINAL_DST / IP6T_SO_ORIGINAL_DST; ``ORIGDST none``
 when the flow was not redirected), then echoes until EOF.
+
+With ``--listen SPEC...`` (tests that build their own namespaces: tests/common/lone.rs)
+it runs only the listeners named, each on the one address given:
+``tcp/ADDR/PORT/LABEL`` answers ``LABEL ORIGDST <addr>\\n`` (as above, so a client
+sees who answered and for which destination), then echoes until EOF;
+``udp/ADDR/PORT`` echoes every datagram.
 """
 
 import argparse
@@ -255,7 +261,7 @@ def svc_tls(ctx):
     return handler
 
 
-def svc_origdst(conn):
+def svc_origdst(conn, label=None):
     orig = "none"
     try:
         if conn.family == socket.AF_INET:
@@ -268,7 +274,8 @@ def svc_origdst(conn):
             orig = "[%s]:%d" % (socket.inet_ntop(socket.AF_INET6, raw[8:24]), port)
     except OSError:
         pass
-    conn.sendall(b"ORIGDST %s\n" % orig.encode())
+    prefix = b"" if label is None else label.encode() + b" "
+    conn.sendall(b"%sORIGDST %s\n" % (prefix, orig.encode()))
     svc_echo(conn)
 
 
@@ -309,16 +316,46 @@ def accept_loop(lsock, handler):
         threading.Thread(target=serve_conn, args=(handler, conn), daemon=True).start()
 
 
-def listen(family, port):
-    s = socket.socket(family, socket.SOCK_STREAM)
+def listen(family, port, addr=None, kind=socket.SOCK_STREAM):
+    s = socket.socket(family, kind)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     if family == socket.AF_INET6:
         s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        s.bind(("::", port))
+        s.bind((addr or "::", port))
     else:
-        s.bind(("0.0.0.0", port))
-    s.listen(4096)
+        s.bind((addr or "0.0.0.0", port))
+    if kind == socket.SOCK_STREAM:
+        s.listen(4096)
     return s
+
+
+def udp_echo_loop(s):
+    while True:
+        try:
+            data, peer = s.recvfrom(2048)
+            s.sendto(data, peer)
+        except OSError:
+            time.sleep(0.01)
+
+
+def listen_specs(specs):
+    """The threads of ``--listen``: one per ``tcp/ADDR/PORT/LABEL`` or ``udp/ADDR/PORT``."""
+    threads = []
+    for spec in specs:
+        parts = spec.split("/")
+        kind, addr, port = parts[0], parts[1], int(parts[2])
+        family = socket.AF_INET6 if ":" in addr else socket.AF_INET
+        if kind == "tcp":
+            label = parts[3]
+            s = listen(family, port, addr)
+            handler = lambda conn, label=label: svc_origdst(conn, label)
+            threads.append(threading.Thread(target=accept_loop, args=(s, handler), daemon=True))
+        elif kind == "udp":
+            s = listen(family, port, addr, socket.SOCK_DGRAM)
+            threads.append(threading.Thread(target=udp_echo_loop, args=(s,), daemon=True))
+        else:
+            raise SystemExit("bad --listen spec %r" % spec)
+    return threads
 
 
 def main():
@@ -326,8 +363,15 @@ def main():
     ap.add_argument("--cert")
     ap.add_argument("--key")
     ap.add_argument("--origdst", type=int, help="run only the fake-proxy listener on this port")
+    ap.add_argument("--listen", nargs="+", help="run only these listeners (see above)")
     args = ap.parse_args()
 
+    if args.listen:
+        for t in listen_specs(args.listen):
+            t.start()
+        sys.stdout.write("READY\n")
+        sys.stdout.flush()
+        threading.Event().wait()
     if args.origdst:
         services = {args.origdst: svc_origdst}
     else:

@@ -18,28 +18,16 @@ use crate::name::Presented;
 /// Largest ClientHello (all its records, headers included) or HTTP request head we accept.
 pub const MAX_HEAD: usize = 64 * 1024;
 
-/// What the first bytes of a flow turned out to be.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Protocol {
-    Tls,
-    Http,
-    Opaque,
-}
+pub use crate::vocab::Protocol;
 
-impl Protocol {
-    /// The label used by the access log and metrics (`tls`, `http`, `tcp`).
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Protocol::Tls => "tls",
-            Protocol::Http => "http",
-            Protocol::Opaque => "tcp",
-        }
-    }
-}
-
-impl fmt::Display for Protocol {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
+/// The protocol a flow's first byte suggests, when detection could not
+/// finish (for the deny answer and the log): a TLS record, an upper-case
+/// HTTP method, else opaque.
+pub fn guess_protocol(buf: &[u8]) -> Protocol {
+    match buf.first() {
+        Some(0x16) => Protocol::Tls,
+        Some(b) if b.is_ascii_uppercase() => Protocol::Http,
+        _ => Protocol::Tcp,
     }
 }
 
@@ -57,7 +45,7 @@ pub struct Detected {
 impl Detected {
     fn opaque() -> Self {
         Detected {
-            protocol: Protocol::Opaque,
+            protocol: Protocol::Tcp,
             name: None,
             ech: false,
         }

@@ -31,10 +31,11 @@ use axum::Router;
 use serde::{Deserialize, Serialize};
 
 use crate::access_log::timestamp;
-use crate::admin::denied_toml_blocks;
+use crate::denied::denied_toml_blocks;
 use crate::denied::{DeniedRecord, DENIED_MAX};
 use crate::metrics::{BytesLabels, ConnLabels, EntryLabel};
 use crate::state::Shared;
+use crate::vocab::{Decision, Protocol, Reason};
 
 /// How often the sampler reads the counters.
 pub const INTERVAL: Duration = Duration::from_secs(5);
@@ -43,19 +44,24 @@ pub const SLOTS: usize = 180;
 /// Samples summed into one point of an entry's trend in `/api/summary`.
 const TREND_GROUP: usize = 6;
 
-const DECISIONS: [&str; 4] = ["allow", "deny", "audit", "passthrough"];
-const PROTOCOLS: [&str; 3] = ["tls", "http", "tcp"];
-/// Every reason a flow is counted with ("" for allowed flows).
-const REASONS: [&str; 9] = [
-    "",
-    "not_in_registry",
-    "address_mismatch",
-    "malformed",
-    "too_large",
-    "timeout",
-    "dns",
-    "loop",
-    "overload",
+const DECISIONS: [Decision; 4] = [
+    Decision::Allow,
+    Decision::Deny,
+    Decision::Audit,
+    Decision::Passthrough,
+];
+const PROTOCOLS: [Protocol; 3] = [Protocol::Tls, Protocol::Http, Protocol::Tcp];
+/// Every reason a transparent flow is counted with (none for allowed flows).
+const REASONS: [Option<Reason>; 9] = [
+    None,
+    Some(Reason::NotInRegistry),
+    Some(Reason::AddressMismatch),
+    Some(Reason::Malformed),
+    Some(Reason::TooLarge),
+    Some(Reason::Timeout),
+    Some(Reason::Dns),
+    Some(Reason::Loop),
+    Some(Reason::Overload),
 ];
 
 const INDEX_HTML: &str = include_str!("assets/index.html");
@@ -90,20 +96,20 @@ fn read_counts(shared: &Shared, name: &str, full: bool) -> (Counts, usize) {
     let mut c = Counts::default();
     let mut found = 0;
     let mut labels = ConnLabels {
-        decision: "",
-        protocol: "",
+        decision: Decision::Allow,
+        protocol: Protocol::Tcp,
         entry: name.to_string(),
-        reason: "",
+        reason: None,
     };
-    for (di, d) in DECISIONS.iter().enumerate() {
-        if !full && *d != "allow" {
+    for (di, d) in DECISIONS.into_iter().enumerate() {
+        if !full && d != Decision::Allow {
             continue;
         }
         labels.decision = d;
-        for (pi, p) in PROTOCOLS.iter().enumerate() {
+        for (pi, p) in PROTOCOLS.into_iter().enumerate() {
             labels.protocol = p;
             for r in REASONS {
-                if !full && !r.is_empty() {
+                if !full && r.is_some() {
                     continue;
                 }
                 labels.reason = r;
@@ -111,8 +117,8 @@ fn read_counts(shared: &Shared, name: &str, full: bool) -> (Counts, usize) {
                     found += 1;
                     c.flows[di] += n;
                     c.by_protocol[pi] += n;
-                    if !r.is_empty() && n > 0 && *d == "deny" {
-                        *c.denials.entry(r).or_default() += n;
+                    if let (Some(r), true, Decision::Deny) = (r, n > 0, d) {
+                        *c.denials.entry(r.as_str()).or_default() += n;
                     }
                 }
             }
@@ -341,7 +347,7 @@ impl Page {
             };
             let conf = cfg.entries.iter().find(|e| e.name == name);
             for (i, d) in DECISIONS.iter().enumerate() {
-                *totals.flows.entry(d).or_default() += c.flows[i];
+                *totals.flows.entry(d.as_str()).or_default() += c.flows[i];
             }
             totals.bytes_up += c.bytes_up;
             totals.bytes_down += c.bytes_down;
@@ -372,7 +378,7 @@ impl Page {
                             .iter()
                             .map(|p| PortSummary {
                                 number: p.number,
-                                protocol: p.protocol.as_str(),
+                                protocol: p.protocol.config_name(),
                             })
                             .collect()
                     })
@@ -381,13 +387,13 @@ impl Page {
                 flows: DECISIONS
                     .iter()
                     .zip(c.flows)
-                    .map(|(d, n)| (*d, n))
+                    .map(|(d, n)| (d.as_str(), n))
                     .collect(),
                 flows_total: total,
                 protocols: PROTOCOLS
                     .iter()
                     .zip(c.by_protocol)
-                    .map(|(p, n)| (*p, n))
+                    .map(|(p, n)| (p.log_name(), n))
                     .collect(),
                 denials: c.denials,
                 bytes_up: c.bytes_up,
@@ -400,7 +406,7 @@ impl Page {
         let decision_series = DECISIONS
             .iter()
             .zip(t.decisions.iter())
-            .map(|(d, r)| (*d, r.iter().copied().collect()))
+            .map(|(d, r)| (d.as_str(), r.iter().copied().collect()))
             .collect();
         drop(t);
         let reload = shared.reload_status();
@@ -570,7 +576,7 @@ fn denied_page(
             *g.0.decisions.entry("audit").or_default() += r.audited;
         }
         if let Some(why) = r.reason {
-            *g.0.reasons.entry(why).or_default() += r.count;
+            *g.0.reasons.entry(why.as_str()).or_default() += r.count;
         }
         let p = format!("{}/{}", r.port, r.protocol);
         if !g.0.ports.contains(&p) {
@@ -772,21 +778,23 @@ mod tests {
     use super::*;
     use crate::access_log::FlowRecord;
     use crate::denied::Denied;
+    #[allow(unused_imports)]
+    use crate::vocab::{Decision, Mode, Protocol, Reason};
 
     fn flow(
         name: Option<&str>,
         ip: &str,
         port: u16,
-        protocol: &'static str,
-        decision: &'static str,
+        protocol: Protocol,
+        decision: Decision,
     ) -> FlowRecord {
         FlowRecord {
             dst: Some(std::net::SocketAddr::new(ip.parse().unwrap(), port)),
             protocol,
             name: name.map(str::to_string),
             decision,
-            reason: Some("not_in_registry"),
-            ..FlowRecord::new("192.0.2.2:40000".parse().unwrap(), "transparent")
+            reason: Some(Reason::NotInRegistry),
+            ..FlowRecord::new("192.0.2.2:40000".parse().unwrap(), Mode::Transparent)
         }
     }
 
@@ -803,35 +811,41 @@ mod tests {
                 Some("www.example.org"),
                 "203.0.113.5",
                 443,
-                "tls",
-                "deny",
+                Protocol::Tls,
+                Decision::Deny,
             ));
         }
         d.record(&flow(
             Some("www.example.org"),
             "203.0.113.5",
             80,
-            "http",
-            "audit",
+            Protocol::Http,
+            Decision::Audit,
         ));
         d.record(&flow(
             Some("<b>x</b>.example"),
             "203.0.113.5",
             80,
-            "http",
-            "deny",
+            Protocol::Http,
+            Decision::Deny,
         ));
-        d.record(&flow(None, "192.0.2.10", 7000, "tcp", "deny"));
+        d.record(&flow(
+            None,
+            "192.0.2.10",
+            7000,
+            Protocol::Tcp,
+            Decision::Deny,
+        ));
         // admitted now (e.g. after a reload): listed, without a block
         d.record(&flow(
             Some("api.example.com"),
             "192.0.2.10",
             443,
-            "tls",
-            "deny",
+            Protocol::Tls,
+            Decision::Deny,
         ));
         let recs = d.snapshot();
-        let all_toml = crate::admin::denied_toml(&recs, &cfg);
+        let all_toml = crate::denied::denied_toml(&recs, &cfg);
 
         let page = denied_page(&recs, &cfg, &DeniedQuery::default());
         assert_eq!((page.held, page.names_total, page.matched), (5, 4, 4));

@@ -7,7 +7,7 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::registry::{FlowProtocol, Reason};
+use crate::registry::{Protocol, Reason};
 
 /// TLS record: alert (21), version 3.3, length 2, level fatal (2),
 /// description access_denied (49).
@@ -64,14 +64,14 @@ pub async fn answer_and_close(mut stream: TcpStream, answer: &[u8]) {
 /// The deny answer for a flow of `protocol`.
 pub async fn deny(
     stream: TcpStream,
-    protocol: FlowProtocol,
+    protocol: Protocol,
     name: Option<&str>,
     port: u16,
     reason: Reason,
 ) {
     match protocol {
-        FlowProtocol::Tls => answer_and_close(stream, &TLS_ACCESS_DENIED).await,
-        FlowProtocol::Http => answer_and_close(stream, &http_403(name, port, reason)).await,
-        FlowProtocol::Tcp => reset(stream),
+        Protocol::Tls => answer_and_close(stream, &TLS_ACCESS_DENIED).await,
+        Protocol::Http => answer_and_close(stream, &http_403(name, port, reason)).await,
+        Protocol::Tcp => reset(stream),
     }
 }

@@ -13,24 +13,24 @@ pub mod http;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::access_log::{timestamp, FlowRecord};
-use crate::config::{PortProtocol, Resolution};
-use crate::detect::{Detector, Protocol, Step};
+use crate::config::Resolution;
+use crate::detect::{Detector, Step};
 use crate::name::{normalize, Presented};
 use crate::net::{canonical_addr, canonical_ip, OrigDst};
 use crate::proxy::deny;
-use crate::proxy::upstream::ConnectError;
-use crate::registry::{Decision, FlowProtocol, Reason, Registry, Upstream, Verdict};
-use crate::relay::{Counters, Direction};
+use crate::proxy::flow::write_and_relay;
+use crate::proxy::record::FlowLog;
+use crate::registry::{Decision, Protocol, Reason, Registry, Upstream, Verdict};
 use crate::state::{Generation, Shared};
+use crate::upstream::{ConnectError, Connected};
+use crate::vocab::Mode;
 
 /// Largest CONNECT / first request head read by hand (the rest is hyper's).
 pub const MAX_CONNECT_HEAD: usize = 16 * 1024;
@@ -128,22 +128,20 @@ async fn accept_loop(shared: Arc<Shared>, ctx: Arc<Explicit>, listener: TcpListe
         };
         let gen = shared.generation();
         if !client_allowed(&gen.config().proxy.explicit_clients, local, peer) {
-            let mut flow = XFlow::new(peer, None);
-            flow.decided(&shared, &gen.registry, &refused(Reason::ClientNotAllowed));
+            let mut flow = FlowLog::new(&shared, peer, Mode::Explicit);
+            flow.decided(&gen.registry, &Verdict::refused(Reason::ClientNotAllowed));
             flow.rec.error = Some("client outside explicit_clients".into());
             deny::reset(stream);
-            flow.finish(&shared, 0, 0);
             continue;
         }
         let Some(guard) = shared.admit() else {
-            let mut flow = XFlow::new(peer, None);
-            flow.decided(&shared, &gen.registry, &refused(Reason::Overload));
+            let mut flow = FlowLog::new(&shared, peer, Mode::Explicit);
+            flow.decided(&gen.registry, &Verdict::refused(Reason::Overload));
             flow.rec.error = Some(format!(
                 "max_connections ({}) reached",
                 shared.max_connections
             ));
             deny::reset(stream);
-            flow.finish(&shared, 0, 0);
             continue;
         };
         let s = shared.clone();
@@ -165,64 +163,24 @@ async fn dial<'a>(
     shared: &'a Shared,
     addrs: &[SocketAddr],
     deadline: tokio::time::Instant,
-) -> Result<crate::proxy::upstream::Connected<'a>, ConnectError> {
+) -> Result<crate::upstream::Connected<'a>, ConnectError> {
     let left = deadline.saturating_duration_since(tokio::time::Instant::now());
     shared.dialer.connect(addrs, left, 0).await
 }
 
-/// A deny verdict that no policy turns into a pass-through.
-fn refused(reason: Reason) -> Verdict {
-    Verdict {
-        decision: Decision::Deny,
-        entry: None,
-        reason: Some(reason),
-        upstream: None,
-    }
-}
-
-/// Per-request accounting, turned into the access-log line and metrics.
-pub(crate) struct XFlow {
-    started: Instant,
-    pub(crate) rec: FlowRecord,
-    counted: bool,
-}
-
-impl XFlow {
-    pub(crate) fn new(client: SocketAddr, target: Option<(&Target, u16)>) -> XFlow {
-        let (authority, name, dst) = match target {
-            Some((t, port)) => (
-                Some(t.authority(port)),
-                t.name().map(str::to_string),
-                t.ip().map(|ip| SocketAddr::new(ip, port)),
-            ),
-            None => (None, None, None),
-        };
-        XFlow {
-            started: Instant::now(),
-            rec: FlowRecord {
-                dst,
-                name,
-                authority,
-                ..FlowRecord::new(client, "explicit")
-            },
-            counted: false,
-        }
-    }
-
-    /// Records the verdict and counts the request in `portcullis_connections_total`.
-    pub(crate) fn decided(&mut self, shared: &Shared, reg: &Registry, v: &Verdict) {
-        super::flow::record_verdict(shared, reg, v, &mut self.rec, &mut self.counted);
-    }
-
-    pub(crate) fn finish(mut self, shared: &Shared, up: u64, down: u64) {
-        self.rec.bytes_up = up;
-        self.rec.bytes_down = down;
-        self.rec.duration_ms = self.started.elapsed().as_millis() as u64;
-        if shared.access_log.enabled() {
-            self.rec.ts = timestamp(SystemTime::now());
-        }
-        shared.log(&self.rec);
-    }
+/// The record of a request for `target:port`: its authority, name and
+/// (for an IP literal) destination are known before anything is decided.
+pub(crate) fn explicit_log(
+    shared: &Arc<Shared>,
+    client: SocketAddr,
+    target: &Target,
+    port: u16,
+) -> FlowLog {
+    let mut log = FlowLog::new(shared, client, Mode::Explicit);
+    log.rec.authority = Some(target.authority(port));
+    log.rec.name = target.name().map(str::to_string);
+    log.rec.dst = target.ip().map(|ip| SocketAddr::new(ip, port));
+    log
 }
 
 /// The host part of a request's authority.
@@ -296,16 +254,16 @@ pub fn match_entry(
     reg: &Registry,
     target: &Target,
     port: u16,
-    protocol: Option<FlowProtocol>,
-) -> Result<(usize, PortProtocol), Reason> {
-    let mut best: Option<((u8, usize), usize, PortProtocol)> = None;
+    protocol: Option<Protocol>,
+) -> Result<(usize, Protocol), Reason> {
+    let mut best: Option<((u8, usize), usize, Protocol)> = None;
     for (i, e) in reg.entries().iter().enumerate() {
         let Some(p) = e.port(port) else { continue };
         let wanted = match protocol {
             None => true,
-            Some(FlowProtocol::Tls) => p.protocol == PortProtocol::Tls,
-            Some(FlowProtocol::Http) => p.protocol == PortProtocol::Http,
-            Some(FlowProtocol::Tcp) => p.protocol == PortProtocol::Tcp,
+            Some(Protocol::Tls) => p.protocol == Protocol::Tls,
+            Some(Protocol::Http) => p.protocol == Protocol::Http,
+            Some(Protocol::Tcp) => p.protocol == Protocol::Tcp,
         };
         if !wanted {
             continue;
@@ -541,9 +499,9 @@ async fn handle(shared: Arc<Shared>, ctx: Arc<Explicit>, mut stream: TcpStream, 
             // Connected and left without a byte: not a request.
         }
         Err((reason, e)) => {
-            let mut flow = XFlow::new(peer, None);
-            flow.rec.protocol = "http";
-            flow.decided(&shared, &gen.registry, &refused(reason));
+            let mut flow = FlowLog::new(&shared, peer, Mode::Explicit);
+            flow.rec.protocol = Protocol::Http;
+            flow.decided(&gen.registry, &Verdict::refused(reason));
             flow.rec.error = Some(e);
             let (code, text) = match reason {
                 Reason::Timeout => (408, "Request Timeout"),
@@ -552,7 +510,6 @@ async fn handle(shared: Arc<Shared>, ctx: Arc<Explicit>, mut stream: TcpStream, 
             };
             let body = format!("portcullis: bad proxy request: {}\n", reason.as_str());
             deny::answer_and_close(stream, &status_answer(code, text, Some(reason), &body)).await;
-            flow.finish(&shared, 0, 0);
         }
     }
 }
@@ -569,8 +526,8 @@ async fn connect(
 ) {
     let reg = &gen.registry;
     let Some((target, port)) = parse_authority(authority) else {
-        let mut flow = XFlow::new(peer, None);
-        flow.decided(shared, reg, &refused(Reason::Malformed));
+        let mut flow = FlowLog::new(shared, peer, Mode::Explicit);
+        flow.decided(reg, &Verdict::refused(Reason::Malformed));
         flow.rec.error = Some(format!("CONNECT target {authority:?} is not host:port"));
         let body = "portcullis: CONNECT needs host:port\n";
         deny::answer_and_close(
@@ -578,37 +535,34 @@ async fn connect(
             &status_answer(400, "Bad Request", Some(Reason::Malformed), body),
         )
         .await;
-        flow.finish(shared, 0, 0);
         return;
     };
-    let mut flow = XFlow::new(peer, Some((&target, port)));
+    let mut flow = explicit_log(shared, peer, &target, port);
     let first = match_entry(reg, &target, port, None);
     let kind = first.map(|(_, p)| p).ok();
     match kind {
-        Some(PortProtocol::Tls) | Some(PortProtocol::Http) => {
+        Some(Protocol::Tls) | Some(Protocol::Http) => {
             tunnel_detect(shared, gen, ctx, client, &target, port, rest, flow).await
         }
         _ => {
             // A TCP port, or no entry at all: decide on the name now.
-            flow.rec.protocol = "tcp";
+            flow.rec.protocol = Protocol::Tcp;
             let v = verdict(reg, first.map(|(i, _)| i), port);
             if v.decision == Decision::Deny {
-                flow.decided(shared, reg, &v);
+                flow.decided(reg, &v);
                 deny_before_200(client, &target, port, v.reason).await;
-                flow.finish(shared, 0, 0);
                 return;
             }
             let (addrs, deadline) = match upstream_addrs(shared, gen, ctx, &v, &target, port).await
             {
                 Ok(a) => a,
                 Err(r) => {
-                    flow.decided(shared, reg, &refused(r));
+                    flow.decided(reg, &Verdict::refused(r));
                     deny_before_200(client, &target, port, Some(r)).await;
-                    flow.finish(shared, 0, 0);
                     return;
                 }
             };
-            flow.decided(shared, reg, &v);
+            flow.decided(reg, &v);
             let up = match dial(shared, &addrs, deadline).await {
                 Ok(c) => c,
                 Err(e) => {
@@ -619,7 +573,6 @@ async fn connect(
                     };
                     let body = format!("portcullis: upstream unreachable: {}\n", e.as_str());
                     deny::answer_and_close(client, &status_answer(code, text, None, &body)).await;
-                    flow.finish(shared, 0, 0);
                     return;
                 }
             };
@@ -629,21 +582,16 @@ async fn connect(
                 .await
             {
                 flow.rec.error = Some(format!("client: {e}"));
-                flow.finish(shared, 0, 0);
                 return;
             }
             let entry = reg.entry_label(&v).to_string();
-            let crate::proxy::upstream::Connected {
+            let Connected {
                 stream,
                 addr: _,
-                guard: _guard,
+                guard,
             } = up;
-            let counters = Counters::new();
-            write_and_relay(
-                shared, gen, client, stream, rest, &entry, &mut flow, &counters,
-            )
-            .await;
-            flow.finish(shared, counters.up(), counters.down());
+            let first = rest;
+            write_and_relay(shared, gen, &mut flow, client, stream, first, entry, guard).await;
         }
     }
 }
@@ -660,7 +608,7 @@ pub(crate) fn connect_failed(
     shared: &Shared,
     reg: &Registry,
     v: &Verdict,
-    flow: &mut XFlow,
+    flow: &mut FlowLog,
     e: &ConnectError,
 ) {
     flow.rec.error = Some(e.to_string());
@@ -685,7 +633,7 @@ async fn tunnel_detect(
     target: &Target,
     port: u16,
     mut buf: Vec<u8>,
-    mut flow: XFlow,
+    mut flow: FlowLog,
 ) {
     let reg = &gen.registry;
     if let Err(e) = client
@@ -693,8 +641,7 @@ async fn tunnel_detect(
         .await
     {
         flow.rec.error = Some(format!("client: {e}"));
-        flow.decided(shared, reg, &refused(Reason::Malformed));
-        flow.finish(shared, 0, 0);
+        flow.decided(reg, &Verdict::refused(Reason::Malformed));
         return;
     }
     let start = tokio::time::Instant::now();
@@ -742,33 +689,28 @@ async fn tunnel_detect(
     let (protocol, inner) = match step {
         Step::Done(d) => {
             flow.rec.ech = d.ech;
-            let p = match d.protocol {
-                Protocol::Tls => FlowProtocol::Tls,
-                Protocol::Http => FlowProtocol::Http,
-                Protocol::Opaque => FlowProtocol::Tcp,
-            };
-            (p, d.name)
+            (d.protocol, d.name)
         }
         Step::Malformed(m) => {
             tracing::debug!(error = %m, "malformed first flight in a CONNECT tunnel");
             failure = Some(Reason::Malformed);
-            (guess(&buf), None)
+            (crate::detect::guess_protocol(&buf), None)
         }
         Step::TooLarge => {
             failure = Some(Reason::TooLarge);
-            (guess(&buf), None)
+            (crate::detect::guess_protocol(&buf), None)
         }
-        Step::NeedMore { .. } => (guess(&buf), None),
+        Step::NeedMore { .. } => (crate::detect::guess_protocol(&buf), None),
     };
-    flow.rec.protocol = protocol.as_str();
+    flow.rec.protocol = protocol;
     // The name inside the tunnel must be the one the CONNECT asked for: SNI
     // absent or equal, Host equal (an IP literal inside is no name).
     let mismatch = match (protocol, inner.as_deref(), target) {
-        (FlowProtocol::Tls, Some(sni), Target::Name(n)) if sni != n => Some(Reason::SniMismatch),
-        (FlowProtocol::Tls, Some(_), Target::Ip(_)) => Some(Reason::SniMismatch),
-        (FlowProtocol::Http, Some(h), Target::Name(n)) if h != n => Some(Reason::HostMismatch),
-        (FlowProtocol::Http, None, Target::Name(_)) => Some(Reason::HostMismatch),
-        (FlowProtocol::Http, Some(_), Target::Ip(_)) => Some(Reason::HostMismatch),
+        (Protocol::Tls, Some(sni), Target::Name(n)) if sni != n => Some(Reason::SniMismatch),
+        (Protocol::Tls, Some(_), Target::Ip(_)) => Some(Reason::SniMismatch),
+        (Protocol::Http, Some(h), Target::Name(n)) if h != n => Some(Reason::HostMismatch),
+        (Protocol::Http, None, Target::Name(_)) => Some(Reason::HostMismatch),
+        (Protocol::Http, Some(_), Target::Ip(_)) => Some(Reason::HostMismatch),
         _ => None,
     };
     if let (Some(n), Some(Reason::SniMismatch | Reason::HostMismatch)) = (&inner, mismatch) {
@@ -780,13 +722,12 @@ async fn tunnel_detect(
     };
     let v = verdict(reg, entry, port);
     if let Some(e) = client_error {
-        flow.decided(shared, reg, &v);
+        flow.decided(reg, &v);
         flow.rec.error = Some(e);
-        flow.finish(shared, 0, 0);
         return;
     }
     if v.decision == Decision::Deny {
-        flow.decided(shared, reg, &v);
+        flow.decided(reg, &v);
         deny::deny(
             client,
             protocol,
@@ -795,95 +736,36 @@ async fn tunnel_detect(
             v.reason.unwrap_or(Reason::NotInRegistry),
         )
         .await;
-        flow.finish(shared, 0, 0);
         return;
     }
     let (addrs, deadline) = match upstream_addrs(shared, gen, ctx, &v, target, port).await {
         Ok(a) => a,
         Err(r) => {
-            flow.decided(shared, reg, &refused(r));
+            flow.decided(reg, &Verdict::refused(r));
             deny::deny(client, protocol, target.name(), port, r).await;
-            flow.finish(shared, 0, 0);
             return;
         }
     };
-    flow.decided(shared, reg, &v);
+    flow.decided(reg, &v);
     let up = match dial(shared, &addrs, deadline).await {
         Ok(c) => c,
         Err(e) => {
             connect_failed(shared, reg, &v, &mut flow, &e);
             match protocol {
-                FlowProtocol::Http => deny::answer_and_close(client, &deny::http_502()).await,
+                Protocol::Http => deny::answer_and_close(client, &deny::http_502()).await,
                 _ => deny::reset(client),
             }
-            flow.finish(shared, 0, 0);
             return;
         }
     };
     flow.rec.upstream = Some(up.addr);
     let entry = reg.entry_label(&v).to_string();
-    let crate::proxy::upstream::Connected {
+    let Connected {
         stream,
         addr: _,
-        guard: _guard,
+        guard,
     } = up;
-    let counters = Counters::new();
-    write_and_relay(
-        shared, gen, client, stream, buf, &entry, &mut flow, &counters,
-    )
-    .await;
-    flow.finish(shared, counters.up(), counters.down());
-}
-
-fn guess(buf: &[u8]) -> FlowProtocol {
-    match buf.first() {
-        Some(0x16) => FlowProtocol::Tls,
-        Some(b) if b.is_ascii_uppercase() => FlowProtocol::Http,
-        _ => FlowProtocol::Tcp,
-    }
-}
-
-/// Writes the bytes read so far upstream, then relays with the splice relay
-/// until the flow ends (or a reload revocation / the end of a drain closes it).
-#[allow(clippy::too_many_arguments)]
-async fn write_and_relay(
-    shared: &Shared,
-    gen: &Generation,
-    client: TcpStream,
-    mut upstream: TcpStream,
-    first: Vec<u8>,
-    entry: &str,
-    flow: &mut XFlow,
-    counters: &Counters,
-) {
-    let (up_counter, down_counter) = shared.metrics.byte_counters(entry);
-    let idle = gen.config().proxy.idle_timeout;
-    if !first.is_empty() {
-        let wrote = tokio::time::timeout(idle, upstream.write_all(&first)).await;
-        if let Err(e) =
-            wrote.unwrap_or_else(|_| Err(io::Error::new(io::ErrorKind::TimedOut, "idle_timeout")))
-        {
-            flow.rec.error = Some(format!("upstream: {e}"));
-            deny::reset(client);
-            deny::reset(upstream);
-            return;
-        }
-        counters.up.fetch_add(first.len() as u64, Ordering::Relaxed);
-        up_counter.inc_by(first.len() as u64);
-    }
-    drop(first);
-    let on_bytes = |dir, n| match dir {
-        Direction::Up => {
-            up_counter.inc_by(n);
-        }
-        Direction::Down => {
-            down_counter.inc_by(n);
-        }
-    };
-    let (error, reset_by) =
-        super::flow::relay_to_end(shared, entry, client, upstream, counters, idle, on_bytes).await;
-    flow.rec.error = error;
-    flow.rec.reset_by = reset_by;
+    write_and_relay(shared, gen, &mut flow, client, stream, buf, entry, guard).await;
 }
 
 /// `explain --connect HOST:PORT [--sni NAME | --host NAME]` or
@@ -905,18 +787,14 @@ pub fn explain(
                 parse_authority(c).ok_or_else(|| format!("--connect {c:?}: expected HOST:PORT"))?;
             let kind = match_entry(&reg, &t, port, None).ok().map(|(_, p)| p);
             let (protocol, inner) = match (sni, host, kind) {
-                (Some(s), _, _) => (FlowProtocol::Tls, Some(s.to_string())),
-                (_, Some(h), _) => (FlowProtocol::Http, Some(h.to_string())),
+                (Some(s), _, _) => (Protocol::Tls, Some(s.to_string())),
+                (_, Some(h), _) => (Protocol::Http, Some(h.to_string())),
                 // Without --sni/--host: a client presenting the CONNECT name.
-                (_, _, Some(PortProtocol::Tls)) => {
-                    (FlowProtocol::Tls, t.name().map(str::to_string))
-                }
-                (_, _, Some(PortProtocol::Http)) => {
-                    (FlowProtocol::Http, t.name().map(str::to_string))
-                }
-                _ => (FlowProtocol::Tcp, None),
+                (_, _, Some(Protocol::Tls)) => (Protocol::Tls, t.name().map(str::to_string)),
+                (_, _, Some(Protocol::Http)) => (Protocol::Http, t.name().map(str::to_string)),
+                _ => (Protocol::Tcp, None),
             };
-            let detect = matches!(kind, Some(PortProtocol::Tls | PortProtocol::Http));
+            let detect = matches!(kind, Some(Protocol::Tls | Protocol::Http));
             (
                 t,
                 port,
@@ -936,7 +814,7 @@ pub fn explain(
             (
                 t,
                 port,
-                FlowProtocol::Http,
+                Protocol::Http,
                 host.map(str::to_string),
                 "absolute-form",
             )
@@ -965,8 +843,8 @@ pub fn explain(
     let presented = inner.as_deref().map(Target::parse);
     let mismatch = match (&presented, protocol) {
         (Some(None), _) => Some(Reason::Malformed),
-        (Some(Some(p)), FlowProtocol::Tls) if *p != target => Some(Reason::SniMismatch),
-        (Some(Some(p)), FlowProtocol::Http) if *p != target => Some(Reason::HostMismatch),
+        (Some(Some(p)), Protocol::Tls) if *p != target => Some(Reason::SniMismatch),
+        (Some(Some(p)), Protocol::Http) if *p != target => Some(Reason::HostMismatch),
         _ => None,
     };
     let entry = match mismatch {
@@ -975,7 +853,7 @@ pub fn explain(
     };
     let v = verdict(&reg, entry, port);
     if let Some(i) = &inner {
-        let _ = writeln!(out, "presented inside: {} {i:?}", protocol.as_str());
+        let _ = writeln!(out, "presented inside: {} {i:?}", protocol);
     }
     let _ = writeln!(out, "decision: {}", v.decision.as_str());
     let _ = writeln!(
@@ -1098,15 +976,15 @@ ports = [{ number = 80, protocol = "HTTP" }, { number = 7000, protocol = "TCP" }
         let name = |n: &str| Target::Name(n.into());
         assert_eq!(
             match_entry(&r, &name("api.example.com"), 443, None),
-            Ok((0, PortProtocol::Tls))
+            Ok((0, Protocol::Tls))
         );
         assert_eq!(
             match_entry(&r, &name("api.example.com"), 80, None),
-            Ok((0, PortProtocol::Http))
+            Ok((0, Protocol::Http))
         );
         assert_eq!(
             match_entry(&r, &name("x.files.example.com"), 443, None),
-            Ok((1, PortProtocol::Tls))
+            Ok((1, Protocol::Tls))
         );
         assert_eq!(
             match_entry(&r, &name("files.example.com"), 443, None),
@@ -1114,11 +992,11 @@ ports = [{ number = 80, protocol = "HTTP" }, { number = 7000, protocol = "TCP" }
         );
         assert_eq!(
             match_entry(&r, &name("db.example.com"), 5432, None),
-            Ok((2, PortProtocol::Tcp))
+            Ok((2, Protocol::Tcp))
         );
         // HTTP on a TLS-only port matches nothing.
         assert_eq!(
-            match_entry(&r, &name("api.example.com"), 443, Some(FlowProtocol::Http)),
+            match_entry(&r, &name("api.example.com"), 443, Some(Protocol::Http)),
             Err(Reason::NotInRegistry)
         );
         // An IP literal matches only entries whose addresses contain it.
@@ -1133,7 +1011,7 @@ ports = [{ number = 80, protocol = "HTTP" }, { number = 7000, protocol = "TCP" }
                 7000,
                 None
             ),
-            Ok((3, PortProtocol::Tcp))
+            Ok((3, Protocol::Tcp))
         );
     }
 

@@ -1,31 +1,38 @@
-//! The life of one flow: original destination and loop guard, detection,
-//! decision, upstream, relay, and the one access-log line at its end.
+//! The life of one flow, as phases: original destination and loop guard,
+//! detection, decision, upstream, then the relay. Every phase writes what it
+//! learns into the flow's [`FlowLog`], which writes the one access-log line
+//! and the metrics when it is dropped, whatever way the flow ends.
+//!
+//! The phases before the relay run in their own boxed future, freed when the
+//! relay starts: an idle flow keeps only the relay's state and its record,
+//! not the detection's and the connect's (docs/DESIGN.md §5).
 
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant as TokioInstant;
 
-use crate::access_log::{timestamp, FlowRecord};
-use crate::detect::{Detector, Protocol, Step};
-use crate::metrics::ConnLabels;
+use crate::detect::{Detected, Detector, Step};
 use crate::net::{canonical_addr, OrigDst};
 use crate::proxy::deny;
-use crate::proxy::upstream::{ConnectError, Hop, LOOP_HOPS};
-use crate::registry::{Decision, DetectPlan, FlowFacts, FlowProtocol, Reason, Registry, Verdict};
-use crate::relay::{Counters, Direction, RelayEnd};
+use crate::proxy::record::FlowLog;
+use crate::registry::{Decision, DetectPlan, FlowFacts, Protocol, Reason, Registry, Verdict};
+use crate::relay::{Counters, Direction, RelayEnd, Side};
 use crate::state::{Generation, Shared};
+use crate::upstream::{ConnectError, Connected, Hop, PortGuard, LOOP_HOPS};
+use crate::vocab::Mode;
+use prometheus_client::metrics::counter::Counter;
 
 /// What detection learnt from the client's first bytes.
 struct Detection {
     /// Every byte read from the client so far: written upstream first.
     buf: Vec<u8>,
-    protocol: FlowProtocol,
+    protocol: Protocol,
     name: Option<String>,
     ech: bool,
     failure: Option<Reason>,
@@ -34,6 +41,50 @@ struct Detection {
 }
 
 impl Detection {
+    /// The detector recognised the first bytes.
+    fn found(buf: Vec<u8>, d: Detected) -> Detection {
+        Detection {
+            buf,
+            protocol: d.protocol,
+            name: d.name,
+            ech: d.ech,
+            failure: None,
+            client_error: None,
+        }
+    }
+
+    /// Opaque TCP: a silent client on a port that allows one, or one that
+    /// closed without sending anything.
+    fn opaque(buf: Vec<u8>) -> Detection {
+        Detection {
+            buf,
+            protocol: Protocol::Tcp,
+            name: None,
+            ech: false,
+            failure: None,
+            client_error: None,
+        }
+    }
+
+    /// Detection failed (malformed, too large, timeout); the protocol is
+    /// guessed from the first byte for the deny answer.
+    fn failed(buf: Vec<u8>, reason: Reason) -> Detection {
+        Detection {
+            failure: Some(reason),
+            protocol: crate::detect::guess_protocol(&buf),
+            ..Detection::opaque(buf)
+        }
+    }
+
+    /// The client left or failed before anything could be decided.
+    fn client_left(buf: Vec<u8>, why: String) -> Detection {
+        Detection {
+            client_error: Some(why),
+            protocol: crate::detect::guess_protocol(&buf),
+            ..Detection::opaque(buf)
+        }
+    }
+
     fn facts(&self, dst: OrigDst) -> FlowFacts<'_> {
         FlowFacts {
             dst,
@@ -42,225 +93,309 @@ impl Detection {
             detect_failure: self.failure,
         }
     }
-}
 
-/// Per-flow accounting, turned into the access-log line and metrics.
-struct Flow {
-    started: Instant,
-    rec: FlowRecord,
-    counted: bool,
-    /// The loop guard's hop count (see `OwnSockets`); the upstream socket inherits it.
-    hop: Hop,
-}
-
-impl Flow {
-    fn new(client: SocketAddr) -> Flow {
-        Flow {
-            started: Instant::now(),
-            rec: FlowRecord::new(client, "transparent"),
-            counted: false,
-            hop: 0,
-        }
-    }
-
-    fn detected(&mut self, det: &Detection) {
-        self.rec.protocol = det.protocol.as_str();
-        self.rec.name = det.name.clone();
-        self.rec.ech = det.ech;
-    }
-
-    /// Records the verdict and counts the flow in `portcullis_connections_total`.
-    fn decided(&mut self, shared: &Shared, reg: &Registry, v: &Verdict) {
-        record_verdict(shared, reg, v, &mut self.rec, &mut self.counted);
-    }
-
-    fn finish(mut self, shared: &Shared, counters: &Counters) {
-        self.rec.bytes_up = counters.up();
-        self.rec.bytes_down = counters.down();
-        self.rec.duration_ms = self.started.elapsed().as_millis() as u64;
-        if shared.access_log.enabled() {
-            self.rec.ts = timestamp(SystemTime::now());
-        }
-        shared.log(&self.rec);
+    fn record(&self, log: &mut FlowLog) {
+        log.rec.protocol = self.protocol;
+        log.rec.name = self.name.clone();
+        log.rec.ech = self.ech;
     }
 }
 
-fn guess_protocol(buf: &[u8]) -> FlowProtocol {
-    match buf.first() {
-        Some(0x16) => FlowProtocol::Tls,
-        Some(b) if b.is_ascii_uppercase() => FlowProtocol::Http,
-        _ => FlowProtocol::Tcp,
-    }
-}
+/// The flow ended before its relay; its record says how.
+struct Ended;
 
-fn flow_protocol(p: Protocol) -> FlowProtocol {
-    match p {
-        Protocol::Tls => FlowProtocol::Tls,
-        Protocol::Http => FlowProtocol::Http,
-        Protocol::Opaque => FlowProtocol::Tcp,
-    }
+/// A decided, connected flow, ready to relay: what the relay phase keeps.
+struct Relay<'s> {
+    client: TcpStream,
+    upstream: TcpStream,
+    /// The entry's label, for the byte counters and revocation.
+    entry: String,
+    idle_timeout: Duration,
+    /// The entry's `portcullis_bytes_total` counters, up and down.
+    bytes: (Counter, Counter),
+    /// Keeps the upstream socket's port registered with the loop guard.
+    _port: PortGuard<'s>,
 }
 
 /// Handles one accepted connection to its end.
 pub async fn handle(shared: Arc<Shared>, client: TcpStream, peer: SocketAddr, local: SocketAddr) {
-    let gen = shared.generation();
-    let mut flow = Flow::new(peer);
-    let counters = Counters::new();
-    let reg = &gen.registry;
+    let mut log = FlowLog::new(&shared, peer, Mode::Transparent);
+    // Boxed, and freed before the relay starts (see the module docs).
+    let opened = Box::pin(open(&shared, &mut log, client, local)).await;
+    if let Ok(relay) = opened {
+        relay.run(&shared, &mut log).await;
+    }
+}
 
-    // Step 1: the loop guard.
-    let dst = match crate::sys::original_dst(&client, local) {
-        Some(d) if canonical_addr(d) != canonical_addr(local) => OrigDst::new(d),
-        _ => {
-            let v = Registry::loop_verdict();
-            flow.decided(&shared, reg, &v);
+impl Relay<'_> {
+    /// The relay phase: until the flow ends or is closed from outside.
+    async fn run(self, shared: &Shared, log: &mut FlowLog) {
+        let (up_bytes, down_bytes) = &self.bytes;
+        let on_bytes = |dir, n| match dir {
+            Direction::Up => {
+                up_bytes.inc_by(n);
+            }
+            Direction::Down => {
+                down_bytes.inc_by(n);
+            }
+        };
+        let counters = &*log.counters;
+        let (client, upstream, idle) = (self.client, self.upstream, self.idle_timeout);
+        let (error, reset_by) = relay_to_end(
+            shared,
+            &self.entry,
+            client,
+            upstream,
+            counters,
+            idle,
+            on_bytes,
+        )
+        .await;
+        log.rec.error = error;
+        log.rec.reset_by = reset_by;
+    }
+}
+
+/// Writes the bytes read so far upstream, then relays until the flow ends:
+/// the explicit proxy's tunnels, which hold their state in one future.
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn write_and_relay(
+    shared: &Shared,
+    gen: &Generation,
+    log: &mut FlowLog,
+    client: TcpStream,
+    upstream: TcpStream,
+    first: Vec<u8>,
+    entry: String,
+    port: PortGuard<'_>,
+) {
+    if let Ok(relay) = ready(shared, gen, log, client, upstream, first, entry, port).await {
+        relay.run(shared, log).await;
+    }
+}
+
+/// Every phase before the relay: `Ok` with a connected flow to relay, or
+/// `Err` when the flow ended (denied, failed, the client gone).
+async fn open<'s>(
+    shared: &'s Shared,
+    log: &mut FlowLog,
+    client: TcpStream,
+    local: SocketAddr,
+) -> Result<Relay<'s>, Ended> {
+    let gen = shared.generation();
+    let reg = &gen.registry;
+    let (dst, hop) = match loop_guard(shared, log, &client, local) {
+        Ok(d) => d,
+        Err(why) => {
+            log.refused(reg, &Registry::loop_verdict(), why);
             deny::reset(client);
-            flow.rec.error = Some("not redirected: connected straight to the listener".into());
-            flow.finish(&shared, &counters);
-            return;
+            return Err(Ended);
         }
     };
-    flow.rec.dst = Some(dst.0);
-    flow.hop = shared.dialer.own.hop(peer, dst.0, Instant::now());
-    if flow.hop == 1 {
-        // One pass through the proxy from its own socket's address: a loop, or a client NAT
-        // moved onto that port. Let it through; a loop comes back once more and is reset then.
-        tracing::debug!(%peer, dst = %dst.0, "flow from the address of an upstream socket of ours");
-    }
-    if flow.hop >= LOOP_HOPS {
-        let v = Registry::loop_verdict();
-        flow.decided(&shared, reg, &v);
-        deny::reset(client);
-        flow.rec.error = Some(
-            "the proxy's own upstream connection came back: is proxy_uid/mark excluded?".into(),
-        );
-        flow.finish(&shared, &counters);
-        return;
-    }
 
     // Step 3: a TCP entry that admits D.ip decides at once.
     if let Some(v) = reg.decide_by_address(dst, &*gen.resolved) {
-        flow.decided(&shared, reg, &v);
-        connect_and_relay(
-            &shared,
-            &gen,
-            client,
-            dst,
-            v,
-            Vec::new(),
-            FlowProtocol::Tcp,
-            None,
-            &mut flow,
-            &counters,
-        )
-        .await;
-        flow.finish(&shared, &counters);
-        return;
+        log.decided(reg, &v);
+        return connect(shared, &gen, log, client, dst, hop, v, Vec::new(), None).await;
     }
-
     let plan = reg.detect_plan(dst);
     if plan == DetectPlan::ConnectFirst {
-        connect_first(&shared, &gen, client, dst, &mut flow, &counters).await;
-        flow.finish(&shared, &counters);
-        return;
+        return connect_first(shared, &gen, log, client, dst, hop).await;
     }
     let mut client = client;
-    let det = detect(&shared, &gen, &mut client, plan, None).await;
-
-    flow.detected(&det);
+    let det = detect(shared, &gen, &mut client, plan, None).await;
+    det.record(log);
     if let Some(e) = det.client_error {
         // The client left before we could decide; nothing to answer.
         let v = reg.refuse(det.failure.unwrap_or(Reason::Malformed), dst);
-        flow.decided(&shared, reg, &v);
-        flow.rec.error = Some(e);
-        flow.finish(&shared, &counters);
-        return;
+        log.refused(reg, &v, e);
+        return Err(Ended);
     }
     let v = reg.decide(&det.facts(dst), &*gen.resolved);
     if v.decision == Decision::Deny {
-        flow.decided(&shared, reg, &v);
+        log.decided(reg, &v);
+        let reason = v.reason.unwrap_or(Reason::NotInRegistry);
         deny::deny(
             client,
             det.protocol,
             det.name.as_deref(),
             dst.port(),
-            v.reason.unwrap_or(Reason::NotInRegistry),
+            reason,
         )
         .await;
-        flow.finish(&shared, &counters);
-        return;
+        return Err(Ended);
     }
-    let protocol = det.protocol;
-    let name = det.name.clone();
-    connect_and_relay(
-        &shared,
-        &gen,
-        client,
-        dst,
-        v,
-        det.buf,
-        protocol,
-        name.as_deref(),
-        &mut flow,
-        &counters,
-    )
-    .await;
-    flow.finish(&shared, &counters);
+    let name = det.name.as_deref();
+    connect(shared, &gen, log, client, dst, hop, v, det.buf, name).await
+}
+
+/// Step 1: the original destination and the loop guard. `Err` says why the
+/// flow is a loop.
+fn loop_guard(
+    shared: &Shared,
+    log: &mut FlowLog,
+    client: &TcpStream,
+    local: SocketAddr,
+) -> Result<(OrigDst, Hop), &'static str> {
+    let dst = match crate::sys::original_dst(client, local) {
+        Some(d) if canonical_addr(d) != canonical_addr(local) => OrigDst::new(d),
+        _ => return Err("not redirected: connected straight to the listener"),
+    };
+    log.rec.dst = Some(dst.0);
+    let peer = log.rec.client;
+    let hop = shared.dialer.own.hop(peer, dst.0, Instant::now());
+    if hop == 1 {
+        // One pass through the proxy from its own socket's address: a loop, or a client NAT
+        // moved onto that port. Let it through; a loop comes back once more and is reset then.
+        tracing::debug!(%peer, dst = %dst.0, "flow from the address of an upstream socket of ours");
+    }
+    if hop >= LOOP_HOPS {
+        return Err("the proxy's own upstream connection came back: is proxy_uid/mark excluded?");
+    }
+    Ok((dst, hop))
 }
 
 /// ALLOW_ANY on a port without TLS/HTTP entries: the server may speak
 /// first, so connect to D now, relay its bytes at once, and classify the
 /// client's first bytes (for the log) as they come.
-async fn connect_first(
-    shared: &Shared,
+async fn connect_first<'s>(
+    shared: &'s Shared,
     gen: &Generation,
+    log: &mut FlowLog,
     mut client: TcpStream,
     dst: OrigDst,
-    flow: &mut Flow,
-    counters: &Counters,
-) {
+    hop: Hop,
+) -> Result<Relay<'s>, Ended> {
     let reg = &gen.registry;
-    let v = reg.refuse(Reason::NotInRegistry, dst);
-    let addrs = vec![dst.0];
-    let up = match shared
-        .dialer
-        .connect(&addrs, gen.config().proxy.connect_timeout, flow.hop)
-        .await
-    {
+    let timeout = gen.config().proxy.connect_timeout;
+    let up = match shared.dialer.connect(&[dst.0], timeout, hop).await {
         Ok(c) => c,
         Err(e) => {
-            flow.decided(shared, reg, &v);
-            upstream_failed(shared, reg, &v, client, FlowProtocol::Tcp, e, flow).await;
-            return;
+            let v = reg.refuse(Reason::NotInRegistry, dst);
+            log.decided(reg, &v);
+            return Err(upstream_failed(shared, reg, log, client, Protocol::Tcp, &v, e).await);
         }
     };
-    flow.rec.upstream = Some(up.addr);
-    let crate::proxy::upstream::Connected {
-        stream: mut up_stream,
+    log.rec.upstream = Some(up.addr);
+    let Connected {
+        stream: mut upstream,
         addr: _,
-        guard: _guard,
+        guard,
     } = up;
+    let counters = log.counters.clone();
+    let plan = DetectPlan::ConnectFirst;
     let det = detect(
         shared,
         gen,
         &mut client,
-        DetectPlan::ConnectFirst,
-        Some((&mut up_stream, counters)),
+        plan,
+        Some((&mut upstream, &counters)),
     )
     .await;
-    flow.detected(&det);
+    det.record(log);
     let v = reg.decide(&det.facts(dst), &*gen.resolved);
-    flow.decided(shared, reg, &v);
+    log.decided(reg, &v);
     if let Some(e) = det.client_error {
-        flow.rec.error = Some(e);
+        log.rec.error = Some(e);
         deny::reset(client);
-        return;
+        return Err(Ended);
     }
     let entry = reg.entry_label(&v).to_string();
-    write_and_relay(
-        shared, gen, client, up_stream, det.buf, &entry, flow, counters,
-    )
-    .await;
+    ready(shared, gen, log, client, upstream, det.buf, entry, guard).await
+}
+
+/// Steps 7-8: resolves the verdict's upstream (within connect_timeout) and
+/// connects; a name that resolves to nothing is denied `dns` (or passed to D
+/// under audit / ALLOW_ANY).
+#[allow(clippy::too_many_arguments)]
+async fn connect<'s>(
+    shared: &'s Shared,
+    gen: &Generation,
+    log: &mut FlowLog,
+    client: TcpStream,
+    dst: OrigDst,
+    hop: Hop,
+    v: Verdict,
+    first: Vec<u8>,
+    name: Option<&str>,
+) -> Result<Relay<'s>, Ended> {
+    let reg = &gen.registry;
+    let protocol = log.rec.protocol;
+    let Some(plan) = v.upstream.clone() else {
+        log.decided(reg, &v);
+        let reason = v.reason.unwrap_or(Reason::NotInRegistry);
+        deny::deny(client, protocol, name, dst.port(), reason).await;
+        return Err(Ended);
+    };
+    // Resolution counts inside connect_timeout (docs/DESIGN.md §3 step 7).
+    let deadline = TokioInstant::now() + gen.config().proxy.connect_timeout;
+    let (v, addrs) = match shared.dialer.candidates(&plan, reg, &v, deadline).await {
+        Ok(a) => (v, a),
+        Err(_) => {
+            let v2 = reg.dns_failed(dst);
+            if v2.decision == Decision::Deny {
+                log.decided(reg, &v2);
+                deny::deny(client, protocol, name, dst.port(), Reason::Dns).await;
+                return Err(Ended);
+            }
+            (v2, vec![dst.0])
+        }
+    };
+    log.decided(reg, &v);
+    let left = deadline.saturating_duration_since(TokioInstant::now());
+    let up = match shared.dialer.connect(&addrs, left, hop).await {
+        Ok(c) => c,
+        Err(e) => return Err(upstream_failed(shared, reg, log, client, protocol, &v, e).await),
+    };
+    log.rec.upstream = Some(up.addr);
+    let entry = reg.entry_label(&v).to_string();
+    ready(shared, gen, log, client, up.stream, first, entry, up.guard).await
+}
+
+/// Writes the bytes read during detection upstream; then the flow is ready
+/// to relay. Bytes are counted as they move, errors included.
+#[allow(clippy::too_many_arguments)]
+async fn ready<'s>(
+    shared: &Shared,
+    gen: &Generation,
+    log: &mut FlowLog,
+    client: TcpStream,
+    mut upstream: TcpStream,
+    first: Vec<u8>,
+    entry: String,
+    port: PortGuard<'s>,
+) -> Result<Relay<'s>, Ended> {
+    let (up_bytes, down_bytes) = shared.metrics.byte_counters(&entry);
+    // Server bytes relayed while the client's were being classified.
+    down_bytes.inc_by(log.counters.down());
+    let idle_timeout = gen.config().proxy.idle_timeout;
+    if !first.is_empty() {
+        let wrote = tokio::time::timeout(idle_timeout, upstream.write_all(&first)).await;
+        let timed_out = |_| {
+            Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "idle_timeout",
+            ))
+        };
+        if let Err(e) = wrote.unwrap_or_else(timed_out) {
+            log.rec.error = Some(format!("upstream: {e}"));
+            deny::reset(client);
+            deny::reset(upstream);
+            return Err(Ended);
+        }
+        log.counters
+            .up
+            .fetch_add(first.len() as u64, Ordering::Relaxed);
+        up_bytes.inc_by(first.len() as u64);
+    }
+    Ok(Relay {
+        client,
+        upstream,
+        entry,
+        idle_timeout,
+        bytes: (up_bytes, down_bytes),
+        _port: port,
+    })
 }
 
 /// Reads the client's first bytes until the detector decides, the deadline
@@ -301,15 +436,7 @@ async fn detect(
         };
         if buf.len() >= crate::detect::MAX_HEAD + 16 * 1024 {
             // The detector says TooLarge before this; a guard all the same.
-            let d = Detection {
-                protocol: guess_protocol(&buf),
-                buf,
-                name: None,
-                ech: false,
-                failure: Some(Reason::TooLarge),
-                client_error: None,
-            };
-            return done(d, &detector);
+            return done(Detection::failed(buf, Reason::TooLarge), &detector);
         }
         buf.reserve(16 * 1024);
         let read = tokio::select! {
@@ -336,8 +463,7 @@ async fn detect(
                         let wrote = tokio::time::timeout(cfg.proxy.idle_timeout, client.write_all(&down_buf[..n])).await;
                         if !matches!(wrote, Ok(Ok(()))) {
                             let why = if wrote.is_err() { "idle_timeout: the client reads nothing" } else { "client_reset" };
-                            let d = Detection { protocol: guess_protocol(&buf), buf, name: None, ech: false, failure: None, client_error: Some(why.into()) };
-                            return done(d, &detector);
+                            return done(Detection::client_left(buf, why.into()), &detector);
                         }
                         if let Some((_, c)) = upstream.as_ref() {
                             c.down.fetch_add(n as u64, Ordering::Relaxed);
@@ -349,9 +475,9 @@ async fn detect(
             _ = tokio::time::sleep_until(deadline) => {
                 let d = if buf.is_empty() && plan != DetectPlan::Hello {
                     // ALLOW_ANY / audit: a silent client is opaque.
-                    Detection { buf, protocol: FlowProtocol::Tcp, name: None, ech: false, failure: None, client_error: None }
+                    Detection::opaque(buf)
                 } else {
-                    Detection { protocol: guess_protocol(&buf), buf, name: None, ech: false, failure: Some(Reason::Timeout), client_error: None }
+                    Detection::failed(buf, Reason::Timeout)
                 };
                 return done(d, &detector);
             }
@@ -362,243 +488,46 @@ async fn detect(
                 // EOF: nothing at all is an opaque (empty) flow; a partial
                 // hello or head is malformed.
                 let d = if buf.is_empty() {
-                    Detection {
-                        buf,
-                        protocol: FlowProtocol::Tcp,
-                        name: None,
-                        ech: false,
-                        failure: None,
-                        client_error: None,
-                    }
+                    Detection::opaque(buf)
                 } else {
-                    Detection {
-                        protocol: guess_protocol(&buf),
-                        buf,
-                        name: None,
-                        ech: false,
-                        failure: Some(Reason::Malformed),
-                        client_error: None,
-                    }
+                    Detection::failed(buf, Reason::Malformed)
                 };
                 return done(d, &detector);
             }
             Ok(n) => n,
             Err(e) => {
-                let d = Detection {
-                    protocol: guess_protocol(&buf),
-                    buf,
-                    name: None,
-                    ech: false,
-                    failure: None,
-                    client_error: Some(format!("client: {e}")),
-                };
-                return done(d, &detector);
+                return done(
+                    Detection::client_left(buf, format!("client: {e}")),
+                    &detector,
+                );
             }
         };
         let from = buf.len() - n;
         let step = detector.push(&buf[from..]);
         let d = match step {
             Step::NeedMore { .. } => continue,
-            Step::Done(found) => Detection {
-                buf,
-                protocol: flow_protocol(found.protocol),
-                name: found.name,
-                ech: found.ech,
-                failure: None,
-                client_error: None,
-            },
+            Step::Done(found) => Detection::found(buf, found),
             Step::Malformed(m) => {
                 tracing::debug!(error = %m, "malformed first flight");
-                Detection {
-                    protocol: guess_protocol(&buf),
-                    buf,
-                    name: None,
-                    ech: false,
-                    failure: Some(Reason::Malformed),
-                    client_error: None,
-                }
+                Detection::failed(buf, Reason::Malformed)
             }
-            Step::TooLarge => Detection {
-                protocol: guess_protocol(&buf),
-                buf,
-                name: None,
-                ech: false,
-                failure: Some(Reason::TooLarge),
-                client_error: None,
-            },
+            Step::TooLarge => Detection::failed(buf, Reason::TooLarge),
         };
         return done(d, &detector);
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn connect_and_relay(
-    shared: &Shared,
-    gen: &Generation,
-    client: TcpStream,
-    dst: OrigDst,
-    v: Verdict,
-    first: Vec<u8>,
-    protocol: FlowProtocol,
-    name: Option<&str>,
-    flow: &mut Flow,
-    counters: &Counters,
-) {
-    let reg = &gen.registry;
-    let cfg = gen.config();
-    let Some(plan) = v.upstream.clone() else {
-        flow.decided(shared, reg, &v);
-        deny::deny(
-            client,
-            protocol,
-            name,
-            dst.port(),
-            v.reason.unwrap_or(Reason::NotInRegistry),
-        )
-        .await;
-        return;
-    };
-    // Resolution counts inside connect_timeout (docs/DESIGN.md §3 step 7).
-    let deadline = tokio::time::Instant::now() + cfg.proxy.connect_timeout;
-    let (v, addrs) = match shared.dialer.candidates(&plan, reg, &v, deadline).await {
-        Ok(a) => (v, a),
-        Err(_) => {
-            // The name resolves to nothing: deny `dns`, or pass to D
-            // under audit / ALLOW_ANY.
-            let v2 = reg.dns_failed(dst);
-            if v2.decision == Decision::Deny {
-                flow.decided(shared, reg, &v2);
-                deny::deny(client, protocol, name, dst.port(), Reason::Dns).await;
-                return;
-            }
-            (v2, vec![dst.0])
-        }
-    };
-    flow.decided(shared, reg, &v);
-    let up = match shared
-        .dialer
-        .connect(
-            &addrs,
-            deadline.saturating_duration_since(tokio::time::Instant::now()),
-            flow.hop,
-        )
-        .await
-    {
-        Ok(c) => c,
-        Err(e) => {
-            upstream_failed(shared, reg, &v, client, protocol, e, flow).await;
-            return;
-        }
-    };
-    flow.rec.upstream = Some(up.addr);
-    let entry = reg.entry_label(&v).to_string();
-    let crate::proxy::upstream::Connected {
-        stream,
-        addr: _,
-        guard: _guard,
-    } = up;
-    write_and_relay(shared, gen, client, stream, first, &entry, flow, counters).await;
-}
-
-/// Writes the bytes read during detection upstream, then relays until the
-/// flow ends. Bytes are counted as they move, errors included.
-#[allow(clippy::too_many_arguments)]
-async fn write_and_relay(
-    shared: &Shared,
-    gen: &Generation,
-    client: TcpStream,
-    mut upstream: TcpStream,
-    first: Vec<u8>,
-    entry: &str,
-    flow: &mut Flow,
-    counters: &Counters,
-) {
-    let (up_counter, down_counter) = shared.metrics.byte_counters(entry);
-    // Server bytes relayed while the client's were being classified.
-    down_counter.inc_by(counters.down());
-    if !first.is_empty() {
-        let idle = gen.config().proxy.idle_timeout;
-        let wrote = tokio::time::timeout(idle, upstream.write_all(&first)).await;
-        if let Err(e) = wrote.unwrap_or_else(|_| {
-            Err(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                "idle_timeout",
-            ))
-        }) {
-            flow.rec.error = Some(format!("upstream: {e}"));
-            deny::reset(client);
-            deny::reset(upstream);
-            return;
-        }
-        counters.up.fetch_add(first.len() as u64, Ordering::Relaxed);
-        up_counter.inc_by(first.len() as u64);
-    }
-    // The detection buffer (16 KiB reserved) is not kept for the flow's life.
-    drop(first);
-    let on_bytes = |dir, n| match dir {
-        Direction::Up => {
-            up_counter.inc_by(n);
-        }
-        Direction::Down => {
-            down_counter.inc_by(n);
-        }
-    };
-    let (error, reset_by) = relay_to_end(
-        shared,
-        entry,
-        client,
-        upstream,
-        counters,
-        gen.config().proxy.idle_timeout,
-        on_bytes,
-    )
-    .await;
-    flow.rec.error = error;
-    flow.rec.reset_by = reset_by;
-}
-
-/// Writes a verdict into a flow's record and counts the flow once in
-/// `portcullis_connections_total` (a later verdict, e.g. after a failed
-/// connect, updates the record but is not counted again). Shared by the
-/// transparent flow and the explicit proxy's requests.
-pub(crate) fn record_verdict(
-    shared: &Shared,
-    reg: &Registry,
-    v: &Verdict,
-    rec: &mut FlowRecord,
-    counted: &mut bool,
-) {
-    rec.decision = v.decision.as_str();
-    rec.reason = v.reason.map(|r| r.as_str());
-    let label = reg.entry_label(v).to_string();
-    rec.entry = v.entry.map(|_| label.clone());
-    if !*counted {
-        *counted = true;
-        shared
-            .metrics
-            .connections
-            .get_or_create(&ConnLabels {
-                decision: v.decision.as_str(),
-                protocol: rec.protocol,
-                entry: label,
-                reason: v.reason.map(|r| r.as_str()).unwrap_or(""),
-            })
-            .inc();
-    }
-}
-
-/// Relays a decided flow (transparent, or an explicit tunnel) until it ends
-/// or is closed from outside, and says how it ended for the access log:
-/// `(error, reset_by)`.
-pub(crate) async fn relay_to_end<F>(
+/// Relays a decided flow until it ends or is closed from outside, and says
+/// how it ended for the access log: `(error, reset_by)`.
+async fn relay_to_end<F>(
     shared: &Shared,
     entry: &str,
     client: TcpStream,
     upstream: TcpStream,
-    counters: &crate::relay::Counters,
+    counters: &Counters,
     idle_timeout: std::time::Duration,
     on_bytes: F,
-) -> (Option<String>, Option<&'static str>)
+) -> (Option<String>, Option<Side>)
 where
     F: Fn(Direction, u64) + Send + Sync,
 {
@@ -634,32 +563,36 @@ where
         RelayEnd::Done => (None, None),
         // Both sides had their say and the client ended with an RST (curl, browsers after
         // TLS): the exchange is over, not failed.
-        RelayEnd::ClientReset if counters.up() > 0 && counters.down() > 0 => (None, Some("client")),
+        RelayEnd::ClientReset if counters.up() > 0 && counters.down() > 0 => {
+            (None, Some(Side::Client))
+        }
         end => (Some(end.to_string()), None),
     }
 }
 
+/// The upstream could not be reached: counted per entry, the client gets a
+/// 502 (HTTP) or a reset.
 async fn upstream_failed(
     shared: &Shared,
     reg: &Registry,
-    v: &Verdict,
+    log: &mut FlowLog,
     client: TcpStream,
-    protocol: FlowProtocol,
+    protocol: Protocol,
+    v: &Verdict,
     e: ConnectError,
-    flow: &mut Flow,
-) {
-    flow.rec.error = Some(e.to_string());
+) -> Ended {
+    log.rec.error = Some(e.to_string());
+    let entry = reg.entry_label(v).to_string();
     shared
         .metrics
         .connect_errors
-        .get_or_create(&crate::metrics::EntryLabel {
-            entry: reg.entry_label(v).to_string(),
-        })
+        .get_or_create(&crate::metrics::EntryLabel { entry })
         .inc();
     match protocol {
-        FlowProtocol::Http => deny::answer_and_close(client, &deny::http_502()).await,
+        Protocol::Http => deny::answer_and_close(client, &deny::http_502()).await,
         _ => deny::reset(client),
     }
+    Ended
 }
 
 #[cfg(test)]
@@ -674,16 +607,16 @@ mod size_tests {
     }
 
     /// Every idle flow holds one boxed `handle` future (plus its task), so
-    /// its size is most of the per-flow memory the bench measures (about
-    /// 5 KiB per idle flow). A change that grows it must say so here, not
-    /// surface later as a slower, fatter proxy. Measured in the test (debug)
-    /// build on 2026-12-02: 4,336 bytes, then 4,528 once the relay's end
-    /// (revocation, reset_by) became one function shared with the explicit
-    /// proxy's tunnels.
+    /// its size is most of the per-flow memory the bench measures. A change
+    /// that grows it must say so here, not surface later as a slower, fatter
+    /// proxy. Measured in the test (debug) build on 2026-12-02: 4,528 bytes
+    /// while detection and connect lived in the same future as the relay;
+    /// 3,216 once they became a boxed phase freed before the relay starts
+    /// (the relay's own state is most of what is left).
     #[test]
     fn the_flow_future_stays_small() {
         let size = future_size(super::handle);
         eprintln!("flow::handle future: {size} bytes");
-        assert!(size <= 4608, "flow::handle future grew to {size} bytes");
+        assert!(size <= 3328, "flow::handle future grew to {size} bytes");
     }
 }

@@ -5,8 +5,7 @@
 pub mod deny;
 pub mod explicit;
 pub mod flow;
-pub mod resolve;
-pub mod upstream;
+pub mod record;
 
 use std::io;
 use std::net::SocketAddr;
@@ -17,9 +16,9 @@ use std::time::{Duration, Instant};
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::TcpListener;
 
-use crate::access_log::{timestamp, FlowRecord};
-use crate::metrics::ConnLabels;
+use crate::registry::{Reason, Verdict};
 use crate::state::Shared;
+use crate::vocab::Mode;
 
 /// Binds every `listen` address. IPv6 listeners are IPV6_V6ONLY (so the
 /// listener's family decides how to read SO_ORIGINAL_DST); an IPv6 address
@@ -165,25 +164,10 @@ pub async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
     }
 }
 
-fn overload(shared: &Shared, stream: tokio::net::TcpStream, peer: SocketAddr) {
-    shared
-        .metrics
-        .connections
-        .get_or_create(&ConnLabels {
-            decision: "deny",
-            protocol: "tcp",
-            entry: "BlackHole".into(),
-            reason: "overload",
-        })
-        .inc();
+fn overload(shared: &Arc<Shared>, stream: tokio::net::TcpStream, peer: SocketAddr) {
+    let mut log = record::FlowLog::new(shared, peer, Mode::Transparent);
+    let gen = shared.generation();
+    let why = format!("max_connections ({}) reached", shared.max_connections);
+    log.refused(&gen.registry, &Verdict::refused(Reason::Overload), why);
     deny::reset(stream);
-    shared.log(&FlowRecord {
-        ts: timestamp(std::time::SystemTime::now()),
-        reason: Some("overload"),
-        error: Some(format!(
-            "max_connections ({}) reached",
-            shared.max_connections
-        )),
-        ..FlowRecord::new(peer, "transparent")
-    });
 }

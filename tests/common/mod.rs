@@ -23,12 +23,14 @@
 #![allow(dead_code, unused_imports, unused_macros)]
 
 mod bulk;
+mod lone;
 mod netns;
 mod pki;
 mod proc;
 mod proxy;
 
 pub use bulk::*;
+pub use lone::*;
 pub use netns::*;
 pub use pki::*;
 pub use proc::*;
@@ -124,7 +126,7 @@ pub fn sa(ip: IpAddr, port: u16) -> SocketAddr {
     SocketAddr::new(ip, port)
 }
 
-fn python() -> &'static str {
+pub(crate) fn python() -> &'static str {
     if Path::new("/usr/bin/python3").exists() {
         "/usr/bin/python3"
     } else {
@@ -135,13 +137,21 @@ fn python() -> &'static str {
 /// Runs a setup command on the host (never a network-changing one) or in a
 /// namespace; panics with its output if it fails.
 #[track_caller]
-fn must(cmd: Cmd) -> Output {
+pub(crate) fn must(cmd: Cmd) -> Output {
     let out = cmd.run();
     assert!(out.success(), "setup command failed: {out:?}");
     out
 }
 
-/// pod, inet, lan of a world; `n` for a lone [`Netns`].
+/// Writes `dir/name` (mode 0644, readable by the uids tests run as); its path.
+pub(crate) fn write_file_in(dir: &Path, name: &str, contents: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, contents).unwrap_or_else(|e| panic!("write {}: {e}", p.display()));
+    set_mode(&p, 0o644);
+    p
+}
+
+/// pod, inet, lan of a world; `n` for a lone [`Netns`] (lone.rs).
 const NS_SUFFIXES: [char; 4] = ['p', 'i', 'l', 'n'];
 
 /// Whether `ns` is a name this harness makes: pc<pid hex>x<counter hex><p|i|l|n>;
@@ -168,7 +178,7 @@ fn netns_list() -> Vec<String> {
 
 /// Kills every process inside `ns` (they can only be ones tests started) and
 /// deletes the namespace and its /etc/netns directory.
-fn destroy_ns(ns: &str) {
+pub(crate) fn destroy_ns(ns: &str) {
     if netns_path(ns).exists() {
         for _ in 0..100 {
             let pids = Cmd::new("ip").args(["netns", "pids", ns]).run();
@@ -318,7 +328,7 @@ static WORLD_SEQ: AtomicUsize = AtomicUsize::new(0);
 /// A name base no namespace of this process uses yet (`pc<pid>x<n>`, a suffix
 /// of [`NS_SUFFIXES`] to come); stale namespaces of dead test processes are
 /// swept first.
-fn fresh_base() -> String {
+pub(crate) fn fresh_base() -> String {
     sweep_stale();
     let pid = std::process::id();
     let base = loop {
@@ -334,30 +344,6 @@ fn fresh_base() -> String {
     };
     assert!(base.len() < 15, "namespace name too long: {base}");
     base
-}
-
-/// A lone network namespace with only `lo` up, for tests that build their own
-/// topology (init_netns.rs). Named like a world's, so one a dead test process
-/// left is swept; on drop every process inside is killed and it is deleted.
-pub struct Netns {
-    pub name: String,
-}
-
-impl Netns {
-    pub fn new() -> Netns {
-        let ns = Netns {
-            name: format!("{}n", fresh_base()),
-        };
-        must(Cmd::new("ip").args(["netns", "add", &ns.name]));
-        must(Cmd::new("ip").args(["-n", &ns.name, "link", "set", "lo", "up"]));
-        ns
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        destroy_ns(&self.name);
-    }
 }
 
 impl World {
@@ -857,10 +843,7 @@ impl World {
 
     /// Writes a file (mode 0644) into the world's directory; returns its path.
     pub fn write_file(&self, name: &str, contents: &str) -> PathBuf {
-        let p = self.dir.join(name);
-        std::fs::write(&p, contents).expect("write world file");
-        set_mode(&p, 0o644);
-        p
+        write_file_in(&self.dir, name, contents)
     }
 
     fn dump(&self) {

@@ -19,12 +19,14 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
 use super::{
-    connect_failed, match_entry, upstream_addrs, verdict, Explicit, PrefixedIo, Target, XFlow,
+    connect_failed, explicit_log, match_entry, upstream_addrs, verdict, Explicit, PrefixedIo,
+    Target,
 };
-use crate::proxy::upstream::{ConnectError, Connected};
-use crate::registry::{Decision, FlowProtocol, Reason};
-use crate::relay::Counters;
+use crate::proxy::record::FlowLog;
+use crate::registry::{Decision, Protocol, Reason, Verdict};
 use crate::state::Shared;
+use crate::upstream::{ConnectError, Connected};
+use crate::vocab::Mode;
 
 type Body = UnsyncBoxBody<Bytes, hyper::Error>;
 
@@ -173,21 +175,6 @@ pub fn host_header(h: &HeaderMap) -> Result<Option<Target>, &'static str> {
         .ok_or("a Host header that is not a valid name")
 }
 
-/// Logs the request's flow when the response body is done (or dropped).
-struct Finish {
-    flow: Option<XFlow>,
-    shared: Arc<Shared>,
-    counters: Arc<Counters>,
-}
-
-impl Drop for Finish {
-    fn drop(&mut self) {
-        if let Some(f) = self.flow.take() {
-            f.finish(&self.shared, self.counters.up(), self.counters.down());
-        }
-    }
-}
-
 impl Conn {
     async fn request(&self, req: Request<Incoming>) -> Response<Body> {
         let shared = &self.shared;
@@ -196,11 +183,10 @@ impl Conn {
         // Checked per request, not only at accept: a reload that removes a
         // client from explicit_clients applies to its kept-alive connection.
         if !super::client_allowed(&gen.config().proxy.explicit_clients, self.local, self.peer) {
-            let mut flow = XFlow::new(self.peer, None);
-            flow.rec.protocol = "http";
-            flow.decided(shared, reg, &super::refused(Reason::ClientNotAllowed));
+            let mut flow = FlowLog::new(shared, self.peer, Mode::Explicit);
+            flow.rec.protocol = Protocol::Http;
+            flow.decided(reg, &Verdict::refused(Reason::ClientNotAllowed));
             flow.rec.error = Some("client outside explicit_clients".into());
-            flow.finish(shared, 0, 0);
             let mut r = answer(
                 StatusCode::FORBIDDEN,
                 Some(Reason::ClientNotAllowed),
@@ -213,11 +199,10 @@ impl Conn {
         let (target, port) = match absolute_target(req.method(), req.uri()) {
             Ok(t) => t,
             Err(why) => {
-                let mut flow = XFlow::new(self.peer, None);
-                flow.rec.protocol = "http";
-                flow.decided(shared, reg, &super::refused(Reason::Malformed));
+                let mut flow = FlowLog::new(shared, self.peer, Mode::Explicit);
+                flow.rec.protocol = Protocol::Http;
+                flow.decided(reg, &Verdict::refused(Reason::Malformed));
                 flow.rec.error = Some(why.to_string());
-                flow.finish(shared, 0, 0);
                 let mut r = answer(
                     StatusCode::BAD_REQUEST,
                     Some(Reason::Malformed),
@@ -228,8 +213,8 @@ impl Conn {
                 return r;
             }
         };
-        let mut flow = XFlow::new(self.peer, Some((&target, port)));
-        flow.rec.protocol = "http";
+        let mut flow = explicit_log(shared, self.peer, &target, port);
+        flow.rec.protocol = Protocol::Http;
         // For absolute-form the Host header must name the same host.
         let mismatch = match host_header(req.headers()) {
             Ok(None) => None,
@@ -250,14 +235,13 @@ impl Conn {
         };
         let entry = match mismatch {
             Some(r) => Err(r),
-            None => match_entry(reg, &target, port, Some(FlowProtocol::Http)).map(|(i, _)| i),
+            None => match_entry(reg, &target, port, Some(Protocol::Http)).map(|(i, _)| i),
         };
         let v = verdict(reg, entry, port);
         let shown = target.authority(port);
         if v.decision == Decision::Deny {
             let r = v.reason.unwrap_or(Reason::NotInRegistry);
-            flow.decided(shared, reg, &v);
-            flow.finish(shared, 0, 0);
+            flow.decided(reg, &v);
             return answer(
                 StatusCode::FORBIDDEN,
                 Some(r),
@@ -268,8 +252,7 @@ impl Conn {
             match upstream_addrs(shared, &gen, &self.ctx, &v, &target, port).await {
                 Ok(a) => a,
                 Err(r) => {
-                    flow.decided(shared, reg, &super::refused(r));
-                    flow.finish(shared, 0, 0);
+                    flow.decided(reg, &Verdict::refused(r));
                     return answer(
                         StatusCode::FORBIDDEN,
                         Some(r),
@@ -277,10 +260,10 @@ impl Conn {
                     );
                 }
             };
-        flow.decided(shared, reg, &v);
+        flow.decided(reg, &v);
         let entry = reg.entry_label(&v).to_string();
         let (up_counter, down_counter) = shared.metrics.byte_counters(&entry);
-        let counters = Arc::new(Counters::new());
+        let counters = flow.counters.clone();
 
         // The upstream request: origin-form, HTTP/1.1, one hop's headers gone.
         let (mut parts, body) = req.into_parts();
@@ -345,7 +328,6 @@ impl Conn {
             Ok(Ok(x)) => x,
             Ok(Err(e)) => {
                 connect_failed(shared, reg, &v, &mut flow, &e);
-                flow.finish(shared, 0, 0);
                 let code = match e {
                     ConnectError::Timeout => StatusCode::GATEWAY_TIMEOUT,
                     _ => StatusCode::BAD_GATEWAY,
@@ -358,7 +340,6 @@ impl Conn {
             }
             Err(_) => {
                 flow.rec.error = Some("upstream: handshake task ended".into());
-                flow.finish(shared, 0, 0);
                 return answer(
                     StatusCode::BAD_GATEWAY,
                     None,
@@ -371,7 +352,6 @@ impl Conn {
             Ok(r) => r,
             Err(e) => {
                 flow.rec.error = Some(format!("upstream: {e}"));
-                flow.finish(shared, counters.up(), counters.down());
                 return answer(
                     StatusCode::BAD_GATEWAY,
                     None,
@@ -381,18 +361,12 @@ impl Conn {
         };
         let (mut parts, body) = resp.into_parts();
         strip_hop_by_hop(&mut parts.headers);
-        let fin = Finish {
-            flow: Some(flow),
-            shared: shared.clone(),
-            counters: counters.clone(),
-        };
+        // The flow is logged when the response body is done (or dropped).
         let body = body
             .map_frame(move |f| {
-                let _ = &fin;
+                let _ = &flow;
                 if let Some(d) = f.data_ref() {
-                    fin.counters
-                        .down
-                        .fetch_add(d.len() as u64, Ordering::Relaxed);
+                    counters.down.fetch_add(d.len() as u64, Ordering::Relaxed);
                     down_counter.inc_by(d.len() as u64);
                 }
                 f

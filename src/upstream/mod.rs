@@ -1,7 +1,17 @@
 //! Connect stage: resolving names (TTL cache, stale answers when the resolver
-//! fails) and dialling the upstream plan of docs/DESIGN.md §3 step 7 within
-//! `connect_timeout`, with every socket marked when `mark` is set and
+//! fails; `resolve`) and dialling the upstream plan of docs/DESIGN.md §3 step 7
+//! within `connect_timeout`, with every socket marked when `mark` is set and
 //! registered so the loop guard can recognise it coming back.
+//!
+//! A module of its own rather than a part of `proxy`: the [`Dialer`] (and its
+//! resolver) lives in `state::Shared`, which the background resolution of DNS
+//! TCP entries and every flow read, so `state` needs these types while the
+//! accept loop and the flows in `proxy` need `state`. Here, beside `state`
+//! and below both, the data path depends on `state` and `state` on neither
+//! `proxy` nor anything that serves. This module itself reads only `config`,
+//! `name`, `net` and `registry`.
+
+pub mod resolve;
 
 use std::collections::HashMap;
 use std::io;
@@ -16,7 +26,7 @@ use crate::name::HostPattern;
 use crate::net::canonical_ip;
 use crate::registry::{Registry, Upstream, Verdict};
 
-pub use super::resolve::{Resolved, Resolver, Scope};
+pub use resolve::{Resolved, Resolver, Scope};
 
 /// How many times in a row a flow has come from one of the proxy's own upstream sockets that
 /// was still inside its connect window (0: an ordinary client).
