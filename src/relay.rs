@@ -36,7 +36,7 @@ use std::fmt;
 use std::future::Future;
 use std::io;
 use std::net::Shutdown;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use std::pin::Pin;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -49,6 +49,8 @@ use nix::unistd::pipe2;
 use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
+
+mod machine;
 
 /// Size of the userspace buffer used when no pipe is available.
 pub const FALLBACK_CHUNK: usize = 16 * 1024;
@@ -639,12 +641,6 @@ fn close(client: TcpStream, upstream: TcpStream, end: &RelayEnd) {
 // ---------------------------------------------------------------------------------------------
 // The splice relay
 
-/// What carries a burst of bytes: a pool pipe, or the fallback buffer when the pool is empty.
-enum Carrier<'p> {
-    Pipe(PipeLease<'p>),
-    Buf(Box<[u8]>),
-}
-
 /// What the first read of a burst did ([`copy_first`]).
 enum First {
     /// src reached EOF.
@@ -722,111 +718,6 @@ fn eof<F: Fn(Direction, u64)>(
     shutdown_write(dst).map_err(Fault::on(dst_side))
 }
 
-/// Writes all of `buf` to dst, awaiting writability.
-async fn write_all<F: Fn(Direction, u64)>(
-    dst: &TcpStream,
-    buf: &[u8],
-    dir: Direction,
-    flow: &Flow<'_, F>,
-) -> Result<(), Fault> {
-    let (_, dst_side) = sides(dir);
-    let mut done = 0;
-    while done < buf.len() {
-        match dst.try_write(&buf[done..]) {
-            Ok(0) => return Err(Fault::on(dst_side)(io::ErrorKind::WriteZero.into())),
-            Ok(m) => {
-                done += m;
-                flow.moved(dir, m);
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                dst.writable().await.map_err(Fault::on(dst_side))?;
-            }
-            Err(e) => return Err(Fault::on(dst_side)(e)),
-        }
-    }
-    Ok(())
-}
-
-/// One direction: src -> dst until EOF (then shuts down dst's write side) or an error.
-async fn pump<F: Fn(Direction, u64)>(
-    src: &TcpStream,
-    dst: &TcpStream,
-    dir: Direction,
-    pool: &PipePool,
-    flow: &Flow<'_, F>,
-) -> Result<(), Fault> {
-    let (src_side, dst_side) = sides(dir);
-    // Held only during a burst: dropped as soon as src has nothing more (pipe empty by then).
-    let mut carrier: Option<Carrier<'_>> = None;
-    // Bursts go straight to a pipe (the last one filled the small buffer), else start with a copy.
-    let mut bulky = false;
-    // Bytes moved in the current spliced burst.
-    let mut burst = 0;
-    loop {
-        if carrier.is_none() {
-            src.readable().await.map_err(Fault::on(src_side))?;
-            if !bulky {
-                let filled = match copy_first(src, dst, dir, flow)? {
-                    First::Eof => return eof(dst, dst_side, flow),
-                    First::Empty => continue,
-                    First::Moved { filled } => filled,
-                    First::Left { rest, filled } => {
-                        // Boxed, like the rest: rare, and it would grow every flow's future.
-                        Box::pin(write_all(dst, &rest, dir, flow)).await?;
-                        filled
-                    }
-                };
-                // A short burst is over; a full one goes on through a pipe.
-                bulky = filled;
-                burst = 0;
-                continue;
-            }
-        } else {
-            // A hot burst never awaits readiness; give other tasks their turn now and then.
-            tokio::task::coop::consume_budget().await;
-        }
-        let c = carrier.get_or_insert_with(|| match pool.try_acquire() {
-            Some(lease) => Carrier::Pipe(lease),
-            None => Carrier::Buf(vec![0; FALLBACK_CHUNK].into_boxed_slice()),
-        });
-        let got = match c {
-            Carrier::Pipe(lease) => src.try_io(Interest::READABLE, || lease.fill_from(src.as_fd())),
-            Carrier::Buf(buf) => src.try_read(buf),
-        };
-        let n = match got {
-            Ok(0) => {
-                drop(carrier);
-                return eof(dst, dst_side, flow);
-            }
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                // Nothing more for now: give the (empty) pipe back before waiting. A burst that
-                // stayed small sends the next one to the copy again.
-                carrier = None;
-                bulky = burst >= SMALL_COPY;
-                burst = 0;
-                continue;
-            }
-            Err(e) => return Err(Fault::on(src_side)(e)),
-        };
-        burst = burst.saturating_add(n);
-        match c {
-            Carrier::Pipe(lease) => {
-                while lease.filled > 0 {
-                    match dst.try_io(Interest::WRITABLE, || lease.drain_to(dst.as_fd())) {
-                        Ok(m) => flow.moved(dir, m),
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                            dst.writable().await.map_err(Fault::on(dst_side))?;
-                        }
-                        Err(e) => return Err(Fault::on(dst_side)(e)),
-                    }
-                }
-            }
-            Carrier::Buf(buf) => Box::pin(write_all(dst, &buf[..n], dir, flow)).await?,
-        }
-    }
-}
-
 /// Relays between `client` and `upstream` with splice(2) until both directions end, one side
 /// fails, or nothing moves for `idle_timeout`; then closes both (resetting on a fault).
 ///
@@ -844,30 +735,7 @@ where
     F: Fn(Direction, u64) + Send + Sync,
 {
     let flow = Flow::new(counters, &on_bytes);
-    let end = {
-        let up = pump(&client, &upstream, Direction::Up, pool, &flow);
-        let down = pump(&upstream, &client, Direction::Down, pool, &flow);
-        tokio::pin!(up, down);
-        let (mut up_done, mut down_done) = (false, false);
-        loop {
-            tokio::select! {
-                r = &mut up, if !up_done => match r {
-                    Ok(()) => up_done = true,
-                    Err(f) => break RelayEnd::from(f),
-                },
-                r = &mut down, if !down_done => match r {
-                    Ok(()) => down_done = true,
-                    Err(f) => break RelayEnd::from(f),
-                },
-                f = watch_error(&client, Side::Client) => break RelayEnd::from(f),
-                f = watch_error(&upstream, Side::Upstream) => break RelayEnd::from(f),
-                () = flow.idle(idle_timeout) => break RelayEnd::Idle,
-            }
-            if up_done && down_done {
-                break RelayEnd::Done;
-            }
-        }
-    };
+    let end = machine::Machine::new(&client, &upstream, pool, &flow, idle_timeout).await;
     close(client, upstream, &end);
     end
 }

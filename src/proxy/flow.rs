@@ -617,6 +617,6 @@ mod size_tests {
     fn the_flow_future_stays_small() {
         let size = future_size(super::handle);
         eprintln!("flow::handle future: {size} bytes");
-        assert!(size <= 3328, "flow::handle future grew to {size} bytes");
+        assert!(size <= 2304, "flow::handle future grew to {size} bytes");
     }
 }
