@@ -611,8 +611,9 @@ mod size_tests {
     /// that grows it must say so here, not surface later as a slower, fatter
     /// proxy. Measured in the test (debug) build on 2026-12-02: 4,528 bytes
     /// while detection and connect lived in the same future as the relay;
-    /// 3,216 once they became a boxed phase freed before the relay starts
-    /// (the relay's own state is most of what is left).
+    /// 3,216 once they became a boxed phase freed before the relay starts;
+    /// 2,200 once the splice relay became one poll-driven state machine
+    /// (`relay::machine`) instead of nested `async fn`s in a `select!`.
     #[test]
     fn the_flow_future_stays_small() {
         let size = future_size(super::handle);
