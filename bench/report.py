@@ -129,8 +129,10 @@ def table(doc):
     present = [t for t in ["direct", OURS] + PEERS if t in results]
     lines = []
     m = meta
-    lines.append(f"Run `{m.get('run_id')}`: portcullis {m.get('portcullis_commit')}"
-                 f"{' (+uncommitted src changes)' if m.get('portcullis_dirty', '0') != '0' else ''},"
+    built = (f"the prebuilt {m['portcullis_prebuilt']} (checkout at {m.get('portcullis_commit')})"
+             if m.get("portcullis_prebuilt") else m.get("portcullis_commit"))
+    lines.append(f"Run `{m.get('run_id')}`: portcullis {built}"
+                 f"{' (+uncommitted src changes)' if m.get('portcullis_dirty', '0') != '0' and not m.get('portcullis_prebuilt') else ''},"
                  f" Envoy {m.get('envoy')}, HAProxy {m.get('haproxy')}, nginx {m.get('nginx')},"
                  f" iperf3 {m.get('iperf3')}; kernel {m.get('kernel')}, {m.get('cpus')} CPUs"
                  f" ({m.get('cpu_model')}); background CPU busy before/after:"

@@ -726,6 +726,7 @@ main() {
     nginx="$(! command -v nginx >/dev/null || nginx -v 2>&1 | cut -d/ -f2)" \
     iperf3="$(! command -v iperf3 >/dev/null || iperf3 --version | head -1 | awk '{print $2}')" \
     portcullis_commit="$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)" \
+    portcullis_prebuilt="${PORTCULLIS:-}" \
     portcullis_dirty="$(git -C "$ROOT" status --porcelain -- src Cargo.toml Cargo.lock 2>/dev/null | wc -l)" \
     kernel="$(uname -r)" cpus="$(nproc)" \
     cpu_model="$(awk -F': ' '/model name/{print $2; exit}' /proc/cpuinfo)"
