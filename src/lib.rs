@@ -11,9 +11,12 @@
 //!   `state`, so beside it rather than inside `proxy`) or `proxy::deny`;
 //! - relay: `relay` (splice), until the flow ends or `drain::closed` (a
 //!   revocation, the end of a drain) cuts it;
-//! - log: `access_log`, `metrics` and `denied` (the recently denied flows).
+//! - log: `proxy::record` (the flow's record, written once by a guard when
+//!   dropped) into `access_log`, `metrics` and `denied` (the recently
+//!   denied flows).
 //!
-//! `name` and `net` are names and addresses as every stage sees them;
+//! `name` and `net` are names and addresses as every stage sees them,
+//! `vocab` the typed outcomes (protocol, decision, reason, mode);
 //! `config` turns the TOML file into a validated [`config::Config`].
 //!
 //! The control side, apart from the data path (it reads and sets `state`

@@ -20,17 +20,9 @@ pub fn canonical_addr(sa: SocketAddr) -> SocketAddr {
     SocketAddr::new(canonical_ip(sa.ip()), sa.port())
 }
 
-/// The workload's side of a flow.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct ClientAddr(pub SocketAddr);
-
 /// Where the workload meant to go (SO_ORIGINAL_DST), canonicalised.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct OrigDst(pub SocketAddr);
-
-/// Where the proxy actually connected.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct UpstreamAddr(pub SocketAddr);
 
 impl OrigDst {
     pub fn new(sa: SocketAddr) -> Self {

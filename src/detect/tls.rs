@@ -1,10 +1,28 @@
 //! Stage "detect", TLS part: reassembles a ClientHello from TLS records that may arrive in any
-//! slicing and be fragmented over several records, then reads its SNI and ECH extensions.
+//! slicing and be fragmented over several records, then parses it with tls-parser and reads its
+//! SNI and ECH extensions.
 //!
 //! Record headers are walked incrementally as bytes arrive (each byte is copied once into the
 //! handshake buffer); the ClientHello itself is parsed once, when its last byte is in. The
 //! declared lengths are checked against [`MAX_HEAD`] as soon as they are known, so an oversized
 //! hello is refused before its bulk arrives.
+//!
+//! The reassembly is ours, not tls-parser's: the crate parses whole records and has no
+//! reassembly of a handshake message fragmented over several of them (`parse_tls_plaintext` on
+//! the first record of a split hello is an error), it answers `Incomplete` rather than an error
+//! for bytes that are not TLS at all (the sniffer checks `0x16 0x03` before this module is
+//! reached), and it cannot say how many more bytes are needed before anything can change
+//! ([`Step::NeedMore`], which the proxy turns into `SO_RCVLOWAT`), refuse a hello declared
+//! beyond 64 KiB before its bulk arrives, or keep the work linear however the client slices its
+//! bytes. tls-parser reads the reassembled hello's fields; every rule of docs/DESIGN.md §3 step
+//! 5 the crate does not enforce is checked on top of it, in [`parse_client_hello`].
+
+use tls_parser::nom::multi::length_data;
+use tls_parser::nom::number::complete::be_u16;
+use tls_parser::{
+    parse_tls_extension_sni_hostname, parse_tls_extension_unknown,
+    parse_tls_handshake_client_hello, SNIType, TlsExtension, TlsExtensionType,
+};
 
 use super::{normalize_name, Detected, Malformed, Protocol, Step, MAX_HEAD};
 
@@ -16,7 +34,6 @@ const CONTENT_HANDSHAKE: u8 = 22;
 const HANDSHAKE_CLIENT_HELLO: u8 = 1;
 const EXT_SERVER_NAME: u16 = 0;
 const EXT_ENCRYPTED_CLIENT_HELLO: u16 = 0xfe0d;
-const NAME_TYPE_HOST_NAME: u8 = 0;
 
 #[derive(Debug)]
 pub(crate) struct TlsState {
@@ -170,6 +187,12 @@ impl TlsState {
         if self.hs_total.is_some() {
             self.check_bounds()?;
         }
+        // Room for this record's payload, as all of it is needed: a hello in one record then
+        // takes one allocation instead of growing from its 4-byte handshake header (a
+        // reallocation and a copy, about a tenth of its detection cost: bench/README.md).
+        // `reserve`, not `reserve_exact`: many small records still grow the buffer
+        // geometrically. At most 2^14 bytes ahead, no more than the flow's own read buffer.
+        self.hs.reserve(len);
         Ok(())
     }
 
@@ -193,70 +216,25 @@ impl TlsState {
     }
 }
 
-/// Bounds-checked big-endian reader: every short read is `BadLength`.
-struct Reader<'a> {
-    bytes: &'a [u8],
-}
-
-impl<'a> Reader<'a> {
-    fn new(bytes: &'a [u8]) -> Self {
-        Reader { bytes }
-    }
-
-    fn is_empty(&self) -> bool {
-        self.bytes.is_empty()
-    }
-
-    fn take(&mut self, n: usize) -> Result<&'a [u8], Malformed> {
-        if n > self.bytes.len() {
-            return Err(Malformed::BadLength);
-        }
-        let (head, rest) = self.bytes.split_at(n);
-        self.bytes = rest;
-        Ok(head)
-    }
-
-    fn u8(&mut self) -> Result<u8, Malformed> {
-        let b = self.take(1)?;
-        Ok(b[0])
-    }
-
-    fn u16(&mut self) -> Result<u16, Malformed> {
-        let b = self.take(2)?;
-        Ok(u16::from_be_bytes([b[0], b[1]]))
-    }
-
-    /// A vector with a one-byte length prefix.
-    fn vec8(&mut self) -> Result<&'a [u8], Malformed> {
-        let n = self.u8()?;
-        self.take(usize::from(n))
-    }
-
-    /// A vector with a two-byte length prefix.
-    fn vec16(&mut self) -> Result<&'a [u8], Malformed> {
-        let n = self.u16()?;
-        self.take(usize::from(n))
-    }
-}
-
-/// Parses a ClientHello body (after the 4-byte handshake header), RFC 8446 §4.1.2.
+/// Parses a ClientHello body (after the 4-byte handshake header), RFC 8446 §4.1.2, with
+/// tls-parser, and holds it to the rules of docs/DESIGN.md §3 step 5 where the crate is lenient.
+///
+/// The crate's own entry points for whole records or messages are not used: `parse_tls_plaintext`
+/// needs the hello in one record (see the module comment), and `parse_tls_message_handshake`
+/// drops whatever follows the hello's fields inside the message, which must be refused here.
 pub(crate) fn parse_client_hello(body: &[u8]) -> Result<Detected, Malformed> {
-    let mut r = Reader::new(body);
-    let [major, _minor] = r.u16()?.to_be_bytes();
-    if major != 3 {
-        return Err(Malformed::BadVersion);
+    // tls-parser takes any legacy_version; ours must be 3.x, and says so before any later
+    // field is looked at.
+    match body {
+        [3, _, ..] => {}
+        [_, _, ..] => return Err(Malformed::BadVersion),
+        _ => return Err(Malformed::BadLength),
     }
-    r.take(32)?; // random
-    let session_id = r.vec8()?;
-    if session_id.len() > 32 {
-        return Err(Malformed::BadLength);
-    }
-    let suites = r.vec16()?;
-    if suites.is_empty() || suites.len() % 2 != 0 {
-        return Err(Malformed::BadLength);
-    }
-    if r.vec8()?.is_empty() {
-        // At least the null compression method must be offered.
+    // Random, session id (at most 32 bytes), cipher suites (an even length), compression
+    // methods and the extension block, each within the body: any short read is an error.
+    let (rest, hello) = parse_tls_handshake_client_hello(body).map_err(|_| Malformed::BadLength)?;
+    // The crate takes empty lists; a client must offer a suite and the null compression method.
+    if hello.ciphers.is_empty() || hello.comp.is_empty() {
         return Err(Malformed::BadLength);
     }
 
@@ -265,28 +243,46 @@ pub(crate) fn parse_client_hello(body: &[u8]) -> Result<Detected, Malformed> {
         name: None,
         ech: false,
     };
-    if r.is_empty() {
-        // Pre-TLS 1.3 hellos may omit the extension block altogether.
-        return Ok(detected);
-    }
-    let extensions = r.vec16()?;
-    if !r.is_empty() {
+    let Some(extensions) = hello.ext else {
+        // Pre-TLS 1.3 hellos may omit the extension block altogether. The crate also reports
+        // no block when its length prefix is cut short or overruns the body: then bytes remain.
+        return if rest.is_empty() {
+            Ok(detected)
+        } else {
+            Err(Malformed::BadLength)
+        };
+    };
+    // The crate returns what follows the extension block without judging it.
+    if !rest.is_empty() {
         return Err(Malformed::TrailingData);
     }
 
-    let mut ext = Reader::new(extensions);
-    let mut seen: Vec<u16> = Vec::new();
+    // The extensions are read one at a time, each as type and opaque data, rather than with
+    // `parse_tls_client_hello_extensions`: that one stops at the first extension it cannot read
+    // and returns `Ok` with the rest unread (a broken extension in front would hide the SNI
+    // behind it), and it also parses the content of two dozen extension types no decision
+    // here depends on, so a hello would be refused for the crate's opinion of, say, its ALPN
+    // list. Only server_name's content is parsed, below.
+    let mut ext = extensions;
+    // Every extension takes at least 4 bytes: one allocation, never grown.
+    let mut seen: Vec<u16> = Vec::with_capacity(ext.len() / 4);
     while !ext.is_empty() {
-        let (Ok(kind), Ok(data)) = (ext.u16(), ext.vec16()) else {
+        let Ok((after, TlsExtension::Unknown(TlsExtensionType(kind), data))) =
+            parse_tls_extension_unknown(ext)
+        else {
+            // The list does not parse to its declared end.
             return Err(Malformed::ExtensionsTrailing);
         };
+        ext = after;
         seen.push(kind);
         match kind {
             EXT_SERVER_NAME => detected.name = server_name(data)?,
+            // ECH (real or GREASE) is an extension type tls-parser does not know.
             EXT_ENCRYPTED_CLIENT_HELLO => detected.ech = true,
             _ => {}
         }
     }
+    // RFC 8446 §4.2; the crate keeps duplicates.
     seen.sort_unstable();
     if seen.windows(2).any(|w| w[0] == w[1]) {
         return Err(Malformed::DuplicateExtension);
@@ -298,19 +294,29 @@ pub(crate) fn parse_client_hello(body: &[u8]) -> Result<Detected, Malformed> {
 /// A name of any other type (none is defined; a lenient reader taking the
 /// first entry whatever its type would see it as the name) is `malformed`,
 /// alone or beside a host_name: no reader may find a second name.
+///
+/// The list is walked here, one entry at a time with the crate's entry parser, rather than
+/// with `parse_tls_extension_sni_content`: that one reads empty data as an empty list (a
+/// server's acknowledgement is empty; a client's server_name never is), ignores bytes after the
+/// list, and stops at an entry that overruns the list with `Ok`, dropping the rest unread; it
+/// also collects the entries into a `Vec` we would only walk once.
 fn server_name(data: &[u8]) -> Result<Option<String>, Malformed> {
-    let mut outer = Reader::new(data);
-    let list = outer.vec16().map_err(|_| Malformed::BadServerName)?;
-    if !outer.is_empty() || list.is_empty() {
+    let Ok((after, list)) = length_data::<_, _, (), _>(be_u16)(data) else {
+        return Err(Malformed::BadServerName);
+    };
+    if !after.is_empty() || list.is_empty() {
         return Err(Malformed::BadServerName);
     }
-    let mut r = Reader::new(list);
+    let mut rest = list;
     let mut host: Option<&[u8]> = None;
-    while !r.is_empty() {
-        let kind = r.u8().map_err(|_| Malformed::BadServerName)?;
-        // RFC 6066 requires every name type, known or future, to start with a 16-bit length.
-        let name = r.vec16().map_err(|_| Malformed::BadServerName)?;
-        if kind != NAME_TYPE_HOST_NAME {
+    while !rest.is_empty() {
+        // RFC 6066 requires every name type, known or future, to start with a 16-bit length,
+        // so an entry of any type is read whole before its type is judged.
+        let Ok((after, (kind, name))) = parse_tls_extension_sni_hostname(rest) else {
+            return Err(Malformed::BadServerName);
+        };
+        rest = after;
+        if kind != SNIType::HostName {
             return Err(Malformed::OtherNameType);
         }
         if host.is_some() {
@@ -722,6 +728,73 @@ mod tests {
             big.len()
         );
         assert!(d.examined() >= big.len() as u64);
+    }
+
+    /// The leniencies of tls-parser 0.12 that the code above checks on top of the crate (its
+    /// comments say why). Should an upgrade change one, this fails, and the check and its
+    /// comment can be revisited.
+    #[test]
+    fn tls_parser_leniencies_checked_on_top() {
+        use tls_parser::{
+            parse_tls_client_hello_extensions, parse_tls_extension_sni_content,
+            parse_tls_plaintext, Err,
+        };
+        // A hello split over two records: the first record alone is an error, not Incomplete.
+        let split = records(&hello(&[sni("api.example.com")]), 50);
+        assert!(matches!(parse_tls_plaintext(&split), Err(Err::Error(_))));
+        // Bytes that are not TLS at all: Incomplete, not an error.
+        assert!(matches!(
+            parse_tls_plaintext(b"GET / HTTP/1.1\r\n"),
+            Err(Err::Incomplete(_))
+        ));
+
+        // An ALPN extension whose content the crate cannot read, in front of server_name: `Ok`,
+        // nothing parsed, the SNI left unread. Ours reads the SNI and leaves ALPN alone.
+        let alpn = (0x0010, vec![0xff]);
+        let mut block = Vec::new();
+        for (kind, data) in [alpn.clone(), sni("api.example.com")] {
+            block.extend_from_slice(&kind.to_be_bytes());
+            block.extend_from_slice(&(data.len() as u16).to_be_bytes());
+            block.extend_from_slice(&data);
+        }
+        let (rest, parsed) = parse_tls_client_hello_extensions(&block).expect("Ok");
+        assert!(parsed.is_empty());
+        assert_eq!(rest, &block[..]);
+        assert_eq!(
+            detect(&records(
+                &hello(&[alpn, sni("api.example.com")]),
+                MAX_RECORD
+            )),
+            tls(Some("api.example.com"), false)
+        );
+
+        // server_name content: empty data is an empty list, bytes after the list are left over
+        // unjudged, an entry overrunning the list ends it with `Ok`.
+        assert_eq!(
+            parse_tls_extension_sni_content(&[]),
+            Ok((&[][..], TlsExtension::SNI(Vec::new())))
+        );
+        assert_eq!(
+            parse_tls_extension_sni_content(&[0, 4, 0, 0, 1, b'a', 0]),
+            Ok((
+                &[0][..],
+                TlsExtension::SNI(vec![(SNIType::HostName, &b"a"[..])])
+            ))
+        );
+        assert_eq!(
+            parse_tls_extension_sni_content(&[0, 4, 0, 0, 9, b'a']),
+            Ok((&[][..], TlsExtension::SNI(Vec::new())))
+        );
+
+        // The hello: any legacy_version, no cipher suite or compression method, and bytes
+        // after the extension block are all `Ok`.
+        let mut body = vec![0x7f, 0x1c];
+        body.extend_from_slice(&[0; 32]);
+        body.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0xee]);
+        let (rest, ch) = parse_tls_handshake_client_hello(&body).expect("Ok");
+        assert!(ch.ciphers.is_empty() && ch.comp.is_empty());
+        assert_eq!(ch.ext, Some(&[][..]));
+        assert_eq!(rest, &[0xee]);
     }
 
     #[test]
