@@ -30,8 +30,7 @@
 //! rendered for an operator), `import` (Istio ServiceEntry YAML to entries,
 //! also `include`), `page::status`, `wait`, `host_mode` (`run --redirect`).
 
-// Denied, not forbidden: `sys::reset_on_close` holds the one allowed block.
-#![deny(unsafe_code)]
+#![forbid(unsafe_code)]
 
 // The data path (its order is in the overview above).
 pub mod access_log;

@@ -50,7 +50,7 @@ use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-mod machine;
+pub(crate) mod machine;
 
 /// Size of the userspace buffer used when no pipe is available.
 pub const FALLBACK_CHUNK: usize = 16 * 1024;
@@ -170,6 +170,9 @@ pub enum RelayEnd {
     UpstreamReset,
     /// Any other error; its inner error is a [`SideError`]. Both sides were reset.
     Error(io::Error),
+    /// Closed from outside (a revocation, the end of a drain), saying why. Both sides were
+    /// reset: a FIN would tell the client that a cut stream ended.
+    Closed(&'static str),
 }
 
 impl RelayEnd {
@@ -181,7 +184,7 @@ impl RelayEnd {
     /// The side at fault, where there is one.
     pub fn side(&self) -> Option<Side> {
         match self {
-            RelayEnd::Done | RelayEnd::Idle => None,
+            RelayEnd::Done | RelayEnd::Idle | RelayEnd::Closed(_) => None,
             RelayEnd::ClientReset => Some(Side::Client),
             RelayEnd::UpstreamReset => Some(Side::Upstream),
             RelayEnd::Error(e) => e
@@ -200,6 +203,7 @@ impl fmt::Display for RelayEnd {
             RelayEnd::ClientReset => f.write_str("client_reset"),
             RelayEnd::UpstreamReset => f.write_str("upstream_reset"),
             RelayEnd::Error(e) => write!(f, "{e}"),
+            RelayEnd::Closed(why) => f.write_str(why),
         }
     }
 }
@@ -501,7 +505,7 @@ impl Drop for PipeLease<'_> {
 // Per-flow bookkeeping
 
 /// What both pumps of a flow share: counters, the caller's hook, and the last-activity clock.
-struct Flow<'a, F> {
+pub(crate) struct Flow<'a, F> {
     counters: &'a Counters,
     on_bytes: &'a F,
     epoch: Instant,
@@ -512,7 +516,7 @@ struct Flow<'a, F> {
 }
 
 impl<'a, F: Fn(Direction, u64)> Flow<'a, F> {
-    fn new(counters: &'a Counters, on_bytes: &'a F) -> Self {
+    pub(crate) fn new(counters: &'a Counters, on_bytes: &'a F) -> Self {
         Flow {
             counters,
             on_bytes,
@@ -620,12 +624,12 @@ fn shutdown_write(sock: &TcpStream) -> io::Result<()> {
 }
 
 /// Applies the end: resets the surviving side(s) on a fault, then closes both.
-fn close(client: TcpStream, upstream: TcpStream, end: &RelayEnd) {
+pub(crate) fn close(client: TcpStream, upstream: TcpStream, end: &RelayEnd) {
     let (reset_client, reset_upstream) = match end {
         RelayEnd::Done | RelayEnd::Idle => (false, false),
         RelayEnd::ClientReset => (false, true),
         RelayEnd::UpstreamReset => (true, false),
-        RelayEnd::Error(_) => (true, true),
+        RelayEnd::Error(_) | RelayEnd::Closed(_) => (true, true),
     };
     // A socket that is already gone may refuse the option; closing it is all that is left.
     if reset_client {

@@ -44,21 +44,6 @@ pub fn auto_max_connections(nofile: u64, max_pipes: usize, endpoint_fds: u64) ->
     (nofile.saturating_sub(reserve) / 2).max(16) as usize
 }
 
-/// Makes the socket `fd` send an RST instead of a FIN when it is closed
-/// (SO_LINGER with a zero timeout), for a socket owned by a future that is
-/// polled elsewhere (the relay) and cannot lend a borrow. The caller must
-/// guarantee that `fd` is an open socket for the duration of the call.
-///
-/// The library's one `unsafe` block (lib.rs denies it everywhere else): a
-/// raw fd needs `BorrowedFd::borrow_raw` to reach the safe setsockopt.
-#[allow(unsafe_code)]
-pub fn reset_on_close(fd: std::os::fd::RawFd) {
-    // SAFETY: the caller guarantees `fd` stays open while this runs; the
-    // borrow does not outlive the call.
-    let sock = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
-    let _ = socket2::SockRef::from(&sock).set_linger(Some(std::time::Duration::ZERO));
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

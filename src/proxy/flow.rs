@@ -8,7 +8,6 @@
 //! not the detection's and the connect's (docs/DESIGN.md §5).
 
 use std::net::SocketAddr;
-use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -22,8 +21,9 @@ use crate::net::{canonical_addr, OrigDst};
 use crate::proxy::deny;
 use crate::proxy::record::FlowLog;
 use crate::registry::{Decision, DetectPlan, FlowFacts, Protocol, Reason, Registry, Verdict};
-use crate::relay::{Counters, Direction, RelayEnd, Side};
-use crate::state::{Generation, Shared};
+use crate::relay::machine::{Closed, Machine};
+use crate::relay::{self, Counters, Direction, Flow as Meter, RelayEnd, RelayMode, Side};
+use crate::state::{ActiveGuard, Generation, Shared};
 use crate::upstream::{ConnectError, Connected, Hop, PortGuard, LOOP_HOPS};
 use crate::vocab::Mode;
 use prometheus_client::metrics::counter::Counter;
@@ -117,14 +117,50 @@ struct Relay<'s> {
     _port: PortGuard<'s>,
 }
 
-/// Handles one accepted connection to its end.
-pub async fn handle(shared: Arc<Shared>, client: TcpStream, peer: SocketAddr, local: SocketAddr) {
+/// Handles one accepted connection to its end. `_admitted` is the flow's
+/// place under `max_connections`, given back when the flow ends.
+pub(crate) async fn handle(
+    shared: Arc<Shared>,
+    client: TcpStream,
+    peer: SocketAddr,
+    local: SocketAddr,
+    _admitted: ActiveGuard,
+) {
     let mut log = FlowLog::new(&shared, peer, Mode::Transparent);
     // Boxed, and freed before the relay starts (see the module docs).
     let opened = Box::pin(open(&shared, &mut log, client, local)).await;
-    if let Ok(relay) = opened {
-        relay.run(&shared, &mut log).await;
-    }
+    let Ok(relay) = opened else { return };
+    // The relay phase, in this future itself: no wrapper layer keeps a second
+    // copy of what it hands on.
+    let Relay {
+        client,
+        upstream,
+        entry,
+        idle_timeout,
+        bytes: (up_bytes, down_bytes),
+        _port,
+    } = relay;
+    let on_bytes = |dir, n| match dir {
+        Direction::Up => {
+            up_bytes.inc_by(n);
+        }
+        Direction::Down => {
+            down_bytes.inc_by(n);
+        }
+    };
+    let counters = log.counters.clone();
+    let (error, reset_by) = relay_to_end(
+        &shared,
+        &entry,
+        client,
+        upstream,
+        &counters,
+        idle_timeout,
+        on_bytes,
+    )
+    .await;
+    log.rec.error = error;
+    log.rec.reset_by = reset_by;
 }
 
 impl Relay<'_> {
@@ -139,14 +175,14 @@ impl Relay<'_> {
                 down_bytes.inc_by(n);
             }
         };
-        let counters = &*log.counters;
+        let counters = log.counters.clone();
         let (client, upstream, idle) = (self.client, self.upstream, self.idle_timeout);
         let (error, reset_by) = relay_to_end(
             shared,
             &self.entry,
             client,
             upstream,
-            counters,
+            &counters,
             idle,
             on_bytes,
         )
@@ -517,47 +553,44 @@ async fn detect(
     }
 }
 
-/// Relays a decided flow until it ends or is closed from outside, and says
-/// how it ended for the access log: `(error, reset_by)`.
+/// Relays a decided flow until it ends or is closed from outside
+/// (`revoke_on_reload`, the end of a drain: see `drain::closed`; both sides
+/// are reset then), and says how it ended for the access log:
+/// `(error, reset_by)`. The splice relay's state machine is built here, in
+/// this future, not behind another `async fn` layer.
 async fn relay_to_end<F>(
     shared: &Shared,
     entry: &str,
     client: TcpStream,
     upstream: TcpStream,
     counters: &Counters,
-    idle_timeout: std::time::Duration,
+    idle_timeout: Duration,
     on_bytes: F,
 ) -> (Option<String>, Option<Side>)
 where
     F: Fn(Direction, u64) + Send + Sync,
 {
-    // Closed from outside: revoke_on_reload (a reload removed the entry) or
-    // the end of a drain (see drain::closed). Both sides are reset, not
-    // closed with FIN: a FIN would tell the client that a cut stream ended.
-    let fds = (client.as_raw_fd(), upstream.as_raw_fd());
-    let closed = async {
-        let why = crate::drain::closed(shared, entry).await;
-        for fd in [fds.0, fds.1] {
-            // Both sockets are owned by the relay future of the select! below, which
-            // is alive (not yet dropped) while this branch is polled; dropping it
-            // afterwards closes them, now with an RST.
-            crate::sys::reset_on_close(fd);
+    let closed: Closed<'_> = Box::pin(crate::drain::closed(shared, entry));
+    let end = match shared.relay_mode {
+        RelayMode::Splice => {
+            let meter = Meter::new(counters, &on_bytes);
+            let end = Machine::new(&client, &upstream, &shared.pipes, &meter, idle_timeout)
+                .closed_by(closed)
+                .await;
+            relay::close(client, upstream, &end);
+            end
         }
-        why
-    };
-    let end = tokio::select! {
-        // Built in place: a relay future held in a local and moved into
-        // select! would take its size twice in every flow.
-        end = crate::relay::relay_with(
-            shared.relay_mode,
-            client,
-            upstream,
-            &shared.pipes,
-            counters,
-            idle_timeout,
-            on_bytes,
-        ) => end,
-        why = closed => return (Some(why.to_string()), None),
+        // Boxed: the copy relay (a bench comparison) would otherwise set the
+        // size of every flow's future.
+        RelayMode::Copy { buf_size } => {
+            Box::pin(async move {
+                tokio::select! {
+                    end = relay::relay_copy(client, upstream, buf_size, counters, idle_timeout, on_bytes) => end,
+                    why = closed => RelayEnd::Closed(why),
+                }
+            })
+            .await
+        }
     };
     match end {
         RelayEnd::Done => (None, None),
@@ -597,27 +630,30 @@ async fn upstream_failed(
 
 #[cfg(test)]
 mod size_tests {
-    /// The size of what an `async fn` taking four arguments returns: its
+    /// The size of what an `async fn` taking five arguments returns: its
     /// future, without calling it.
-    fn future_size<F, A, B, C, D, R>(_: F) -> usize
+    fn future_size<F, A, B, C, D, E, R>(_: F) -> usize
     where
-        F: FnOnce(A, B, C, D) -> R,
+        F: FnOnce(A, B, C, D, E) -> R,
     {
         std::mem::size_of::<R>()
     }
 
-    /// Every idle flow holds one boxed `handle` future (plus its task), so
+    /// Every idle flow's task is one `handle` future, so
     /// its size is most of the per-flow memory the bench measures. A change
     /// that grows it must say so here, not surface later as a slower, fatter
     /// proxy. Measured in the test (debug) build on 2026-12-02: 4,528 bytes
     /// while detection and connect lived in the same future as the relay;
     /// 3,216 once they became a boxed phase freed before the relay starts;
     /// 2,200 once the splice relay became one poll-driven state machine
-    /// (`relay::machine`) instead of nested `async fn`s in a `select!`.
+    /// (`relay::machine`) instead of nested `async fn`s in a `select!`;
+    /// 1,208 once that machine was built in `relay_to_end` itself (no
+    /// `relay_with`/`relay`/`run` layers each keeping what they hand on) and
+    /// the task became this future itself, not a wrapper around its box.
     #[test]
     fn the_flow_future_stays_small() {
         let size = future_size(super::handle);
         eprintln!("flow::handle future: {size} bytes");
-        assert!(size <= 2304, "flow::handle future grew to {size} bytes");
+        assert!(size <= 1280, "flow::handle future grew to {size} bytes");
     }
 }

@@ -141,16 +141,13 @@ pub async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
                     continue;
                 };
                 let s = shared.clone();
-                tokio::spawn(async move {
-                    let _guard = guard;
-                    let _ = stream.set_nodelay(true);
-                    let id = NEXT_FLOW_ID.fetch_add(1, Ordering::Relaxed);
-                    let span = tracing::debug_span!("flow", id, client = %peer, listener = %local);
-                    // Boxed: the task then holds the flow's future once, not a
-                    // moved-from copy beside it (measured: 9 -> 5 KiB per idle flow).
-                    let flow = Box::pin(flow::handle(s, stream, peer, local));
-                    tracing::Instrument::instrument(flow, span).await;
-                });
+                let _ = stream.set_nodelay(true);
+                let id = NEXT_FLOW_ID.fetch_add(1, Ordering::Relaxed);
+                let span = tracing::debug_span!("flow", id, client = %peer, listener = %local);
+                // The task is the flow's future itself: no wrapper future
+                // keeps a moved-from copy of its arguments beside it.
+                let flow = flow::handle(s, stream, peer, local, guard);
+                tokio::spawn(tracing::Instrument::instrument(flow, span));
             }
             Err(e) => {
                 shared.metrics.accept_errors.inc();

@@ -224,7 +224,7 @@ type Watch<'a> = Pin<Box<dyn Future<Output = Fault> + Send + 'a>>;
 
 /// The relay of one flow: both pumps, the idle timer, and (once a direction has ended, so that
 /// nobody reads that side any more) an error watcher for it.
-pub(super) struct Machine<'a, F> {
+pub(crate) struct Machine<'a, F> {
     client: &'a TcpStream,
     upstream: &'a TcpStream,
     pool: &'a PipePool,
@@ -238,10 +238,15 @@ pub(super) struct Machine<'a, F> {
     armed_for: u64,
     watch_client: Option<Watch<'a>>,
     watch_upstream: Option<Watch<'a>>,
+    /// Resolves, saying why, when the flow must be closed from outside.
+    closed: Option<Closed<'a>>,
 }
 
+/// What says a flow must be closed from outside its relay (boxed: it is made once per flow).
+pub(crate) type Closed<'a> = Pin<Box<dyn Future<Output = &'static str> + Send + 'a>>;
+
 impl<'a, F: Fn(Direction, u64)> Machine<'a, F> {
-    pub(super) fn new(
+    pub(crate) fn new(
         client: &'a TcpStream,
         upstream: &'a TcpStream,
         pool: &'a PipePool,
@@ -260,7 +265,14 @@ impl<'a, F: Fn(Direction, u64)> Machine<'a, F> {
             armed_for: 0,
             watch_client: None,
             watch_upstream: None,
+            closed: None,
         }
+    }
+
+    /// Ends the relay with [`RelayEnd::Closed`] when `closed` resolves.
+    pub(crate) fn closed_by(mut self, closed: Closed<'a>) -> Self {
+        self.closed = Some(closed);
+        self
     }
 
     /// `Ready` once nothing moved for the idle timeout.
@@ -334,6 +346,11 @@ impl<F: Fn(Direction, u64) + Sync> Future for Machine<'_, F> {
                 .get_or_insert_with(|| Box::pin(watch_error(upstream, Side::Upstream)));
             if let Poll::Ready(f) = w.as_mut().poll(cx) {
                 return Poll::Ready(RelayEnd::from(f));
+            }
+        }
+        if let Some(c) = &mut this.closed {
+            if let Poll::Ready(why) = c.as_mut().poll(cx) {
+                return Poll::Ready(RelayEnd::Closed(why));
             }
         }
         match this.poll_idle(cx) {
