@@ -68,6 +68,8 @@ def metrics(results):
         ]
     rows.append(("idle flows: proxy RSS per flow", ("memory", "kib_per_flow"), "KiB", False))
     rows.append(("idle flows: proxy fds per flow", ("memory", "fds_per_flow"), "fds", False))
+    rows.append(("idle TLS flows: proxy RSS per flow", ("memory_tls", "kib_per_flow"), "KiB", False))
+    rows.append(("idle TLS flows: proxy fds per flow", ("memory_tls", "fds_per_flow"), "fds", False))
     return rows
 
 
@@ -101,9 +103,9 @@ def verdict(results, label, path, higher):
     ours = dig(results.get(OURS), *path)
     if ours is None:
         return ""
-    if path == ("memory", "kib_per_flow"):
+    if path in (("memory", "kib_per_flow"), ("memory_tls", "kib_per_flow")):
         return "met" if ours <= 3 else "missed"
-    if path[-1] in ("p50_us", "p999_us", "proxy_cpu_s_per_gib", "machine_cpu_s_per_gib") or path == ("memory", "fds_per_flow"):
+    if path[-1] in ("p50_us", "p999_us", "proxy_cpu_s_per_gib", "machine_cpu_s_per_gib") or path in (("memory", "fds_per_flow"), ("memory_tls", "fds_per_flow")):
         return ""
     best, who = best_peer(results, path, higher)
     if best is None:
@@ -186,11 +188,12 @@ def table(doc):
         lines.append("Policy check (a listed SNI and Host reach the upstream, unlisted ones are"
                      " refused): " + "; ".join(pol) + ".")
     for t, r in results.items():
-        mem = r.get("memory") or {}
-        if mem.get("failed"):
-            notes.append(f"- {t}: {mem['failed']} of the idle flows failed"
-                         f" ({mem.get('first_error')}); per-flow figures use the"
-                         f" {mem.get('established')} established.")
+        for key, what in (("memory", "idle flows"), ("memory_tls", "idle TLS flows")):
+            mem = r.get(key) or {}
+            if mem.get("failed"):
+                notes.append(f"- {t}: {mem['failed']} of the {what} failed"
+                             f" ({mem.get('first_error')}); per-flow figures use the"
+                             f" {mem.get('established')} established.")
         for c, v in (r.get("churn") or {}).items():
             if v and v.get("errors"):
                 notes.append(f"- {t}: churn {c}: {v['errors']} failed flows ({v.get('first_error')}).")

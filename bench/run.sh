@@ -206,9 +206,10 @@ topology() {
     --host-record=bulk.example.net,"$UP_IP" >"$RUN_DIR/dnsmasq.log" 2>&1 &
   PIDS+=($!)
   "${IN_S[@]}" "${NOFILE_EXEC[@]}" "$PCB" serve \
-    --tls "$UP_IP:443" --http "$UP_IP:80" --hold "$UP_IP:7000" >"$RUN_DIR/serve.log" 2>&1 &
+    --tls "$UP_IP:443" --http "$UP_IP:80" --hold "$UP_IP:7000" --tls-hold "$UP_IP:8443" \
+    >"$RUN_DIR/serve.log" 2>&1 &
   PIDS+=($!)
-  local ports=(443 80 7000)
+  local ports=(443 80 7000 8443)
   if wants_bulk; then
     "${IN_S[@]}" iperf3 -s -B "$UP_IP" -p 5201 >"$RUN_DIR/iperf3-server.log" 2>&1 &
     PIDS+=($!)
@@ -260,7 +261,7 @@ ipv6 = false
 [[service_entry]]
 name = "web"
 hosts = ["www.example.org", "*.cdn.example.org"]
-ports = [{ number = 443, name = "https", protocol = "TLS" }]
+ports = [{ number = 443, name = "https", protocol = "TLS" }, { number = 8443, name = "https-idle", protocol = "TLS" }]
 resolution = "NONE"
 addresses = ["192.0.2.0/24"]
 
@@ -623,8 +624,13 @@ EOF
   printf '}'
 }
 
-memory() { # memory TARGET -> JSON object
-  local t=$1 out r0 r1 f1 fds0 res hold_pid
+memory() { # memory TARGET [tls] -> JSON object
+  local t=$1 kind=${2:-tcp} out r0 r1 f1 fds0 res hold_pid hold_args
+  # tcp: opaque flows through TCP entry `bulk` (port 7000), 16 bytes each way; tls: a full
+  # ClientHello through TLS entry `web` (port 8443, portcullis' config only) and the server's
+  # answer, then silent.
+  hold_args=(--target "$UP_IP:7000")
+  [ "$kind" = tls ] && hold_args=(--target "$UP_IP:8443" --hello "$HELLO")
   if [ "$PROXY_PID" = 0 ]; then echo null; return; fi
   # Fault in the code paths first (a few flows of each kind), then the baseline.
   in_c "$PCB" churn --target "$UP_IP:443" --hello "$HELLO" --concurrency 2 \
@@ -634,9 +640,9 @@ memory() { # memory TARGET -> JSON object
   sleep 1
   r0=$(tree_rss_kb "$PROXY_PID")
   fds0=$(tree_fds "$PROXY_PID")
-  out=$RUN_DIR/$t-hold.json
-  "${IN_C[@]}" "${NOFILE_EXEC[@]}" "$PCB" hold --target "$UP_IP:7000" \
-    --count "$IDLE_FLOWS" --parallel 64 >"$out" 2>"$RUN_DIR/$t-hold.err" &
+  out=$RUN_DIR/$t-hold-$kind.json
+  "${IN_C[@]}" "${NOFILE_EXEC[@]}" "$PCB" hold "${hold_args[@]}" \
+    --count "$IDLE_FLOWS" --parallel 64 >"$out" 2>"$RUN_DIR/$t-hold-$kind.err" &
   hold_pid=$!
   PIDS+=("$hold_pid")
   for _ in $(seq 1200); do [ -s "$out" ] && break; sleep 0.1; done
@@ -703,7 +709,10 @@ main() {
         bulk) parts+=("\"bulk\":$(bulk "$t" bulk 1)") ;;
         bulk16) parts+=("\"bulk16\":$(bulk "$t" bulk16 "$BULK_FLOWS")") ;;
         churn) parts+=("\"churn\":$(churn "$t")") ;;
-        memory) parts+=("\"memory\":$(memory "$t")") ;;
+        memory)
+          parts+=("\"memory\":$(memory "$t")")
+          # TLS idle flows: only portcullis' config has the TLS port of the idle server.
+          case $t in portcullis*) parts+=("\"memory_tls\":$(memory "$t" tls)") ;; esac ;;
         *) die "unknown workload $w" ;;
       esac
       log "$t $w: ${parts[-1]}"

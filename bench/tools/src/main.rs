@@ -6,13 +6,16 @@
 //!   tls: reads one whole ClientHello (all its records), answers a small fixed TLS record, closes.
 //!   http: reads one request head, answers `200` with a 2-byte body and `Connection: close`, closes.
 //!   hold: reads the client's first bytes, answers as many, then waits for EOF (idle flows).
+//!   tls-hold: reads one whole ClientHello, answers the small TLS record, then waits for EOF
+//!   (TLS flows left idle after their handshake).
 //! - `churn --target ADDR (--hello FILE | --http-host HOST) --concurrency N --duration S
 //!   [--warmup S]`: short flows (connect, send, first answer byte, read to EOF, close) as fast as
 //!   `N` workers go; prints one JSON object: flows per second and percentiles of the time from
 //!   connect() to the first answer byte.
-//! - `hold --target ADDR --count N [--parallel P]`: opens N flows, exchanges first bytes both
-//!   ways on each, prints one JSON line once all are established, then holds them silent until
-//!   killed.
+//! - `hold --target ADDR --count N [--parallel P] [--hello FILE]`: opens N flows, exchanges
+//!   first bytes both ways on each (with `--hello`: sends that ClientHello and reads the
+//!   `tls-hold` server's answer), prints one JSON line once all are established, then holds them
+//!   silent until killed.
 //! - `splice-relay --listen ADDR`: a transparent relay (SO_ORIGINAL_DST, no detection) built on
 //!   `tokio_splice::zero_copy_bidirectional`, to compare relays on the same flows.
 //!
@@ -171,6 +174,7 @@ enum Kind {
     Tls,
     Http,
     Hold,
+    TlsHold,
 }
 
 async fn serve(opts: Opts) {
@@ -179,6 +183,7 @@ async fn serve(opts: Opts) {
         ("tls", Kind::Tls),
         ("http", Kind::Http),
         ("hold", Kind::Hold),
+        ("tls-hold", Kind::TlsHold),
     ] {
         for addr in opts.addrs(key) {
             let l = listen(addr);
@@ -199,7 +204,7 @@ async fn serve(opts: Opts) {
         }
     }
     if n == 0 {
-        die("serve: give --tls, --http and/or --hold");
+        die("serve: give --tls, --http, --hold and/or --tls-hold");
     }
     eprintln!("pcbench serve: {n} listeners up");
     std::future::pending::<()>().await;
@@ -237,13 +242,13 @@ const HTTP_ANSWER: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Typ
 async fn handle(kind: Kind, mut s: TcpStream) -> io::Result<()> {
     let mut buf = Vec::with_capacity(4096);
     match kind {
-        Kind::Tls | Kind::Http => {
+        Kind::Tls | Kind::Http | Kind::TlsHold => {
             loop {
                 if s.read_buf(&mut buf).await? == 0 {
                     return Ok(());
                 }
                 let done = match kind {
-                    Kind::Tls => hello_complete(&buf),
+                    Kind::Tls | Kind::TlsHold => hello_complete(&buf),
                     _ => buf.windows(4).any(|w| w == b"\r\n\r\n"),
                 };
                 if done {
@@ -254,10 +259,16 @@ async fn handle(kind: Kind, mut s: TcpStream) -> io::Result<()> {
                 }
             }
             let answer: &[u8] = match kind {
-                Kind::Tls => &TLS_ANSWER,
+                Kind::Tls | Kind::TlsHold => &TLS_ANSWER,
                 _ => HTTP_ANSWER,
             };
             s.write_all(answer).await?;
+            if let Kind::TlsHold = kind {
+                // Silent until the client leaves.
+                let mut b = [0u8; 1024];
+                while s.read(&mut b).await? > 0 {}
+                return Ok(());
+            }
             // Close: the client reads to EOF. Every byte it sent was read, so this is a FIN.
             Ok(())
         }
@@ -451,17 +462,26 @@ async fn hold(opts: Opts) {
     let count: usize = opts.num("count", 5000);
     let parallel: usize = opts.num("parallel", 64);
     let bind = bind_of(&opts);
+    // What each flow sends first, and how many bytes of answer it waits for.
+    let (first, answer): (Arc<Vec<u8>>, usize) = match opts.get("hello") {
+        Some(f) => (
+            Arc::new(std::fs::read(f).unwrap_or_else(|e| die(&format!("--hello {f}: {e}")))),
+            TLS_ANSWER.len(),
+        ),
+        None => (Arc::new(b"ping-from-client".to_vec()), 16),
+    };
     let t0 = Instant::now();
     let sem = Arc::new(tokio::sync::Semaphore::new(parallel.max(1)));
     let mut tasks = Vec::with_capacity(count);
     for _ in 0..count {
         let sem = sem.clone();
+        let first = first.clone();
         tasks.push(tokio::spawn(async move {
             let _permit = sem.acquire_owned().await.expect("semaphore");
             let r: io::Result<TcpStream> = async {
                 let mut s = connect_from(bind, target).await?;
-                s.write_all(b"ping-from-client").await?;
-                let mut b = [0u8; 16];
+                s.write_all(&first).await?;
+                let mut b = vec![0u8; answer];
                 tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut b))
                     .await
                     .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no answer"))??;
