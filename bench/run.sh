@@ -711,8 +711,13 @@ main() {
         churn) parts+=("\"churn\":$(churn "$t")") ;;
         memory)
           parts+=("\"memory\":$(memory "$t")")
-          # TLS idle flows: only portcullis' config has the TLS port of the idle server.
-          case $t in portcullis*) parts+=("\"memory_tls\":$(memory "$t" tls)") ;; esac ;;
+          # TLS idle flows: only portcullis' config has the TLS port of the idle server. In a
+          # fresh process: the first measurement's freed memory would otherwise be reused.
+          case $t in portcullis*)
+            stop_target
+            start_target "$t"
+            parts+=("\"memory_tls\":$(memory "$t" tls)") ;;
+          esac ;;
         *) die "unknown workload $w" ;;
       esac
       log "$t $w: ${parts[-1]}"

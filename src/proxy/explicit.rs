@@ -584,7 +584,7 @@ async fn connect(
                 flow.rec.error = Some(format!("client: {e}"));
                 return;
             }
-            let entry = reg.entry_label(&v).to_string();
+            let entry = reg.entry_label(&v);
             let Connected {
                 stream,
                 addr: _,
@@ -759,7 +759,7 @@ async fn tunnel_detect(
         }
     };
     flow.rec.upstream = Some(up.addr);
-    let entry = reg.entry_label(&v).to_string();
+    let entry = reg.entry_label(&v);
     let Connected {
         stream,
         addr: _,

@@ -108,8 +108,6 @@ struct Ended;
 struct Relay<'s> {
     client: TcpStream,
     upstream: TcpStream,
-    /// The entry's label, for the byte counters and revocation.
-    entry: String,
     idle_timeout: Duration,
     /// The entry's `portcullis_bytes_total` counters, up and down.
     bytes: (Counter, Counter),
@@ -135,7 +133,6 @@ pub(crate) async fn handle(
     let Relay {
         client,
         upstream,
-        entry,
         idle_timeout,
         bytes: (up_bytes, down_bytes),
         _port,
@@ -148,13 +145,13 @@ pub(crate) async fn handle(
             down_bytes.inc_by(n);
         }
     };
-    let counters = log.counters.clone();
+    let entry = log.rec.entry.as_deref().unwrap_or(PASSTHROUGH);
     let (error, reset_by) = relay_to_end(
         &shared,
-        &entry,
+        entry,
         client,
         upstream,
-        &counters,
+        &log.counters,
         idle_timeout,
         on_bytes,
     )
@@ -162,6 +159,10 @@ pub(crate) async fn handle(
     log.rec.error = error;
     log.rec.reset_by = reset_by;
 }
+
+/// The label of a relayed flow that no entry matched (ALLOW_ANY, audit):
+/// what `Registry::entry_label` calls it.
+const PASSTHROUGH: &str = "Passthrough";
 
 impl Relay<'_> {
     /// The relay phase: until the flow ends or is closed from outside.
@@ -175,14 +176,14 @@ impl Relay<'_> {
                 down_bytes.inc_by(n);
             }
         };
-        let counters = log.counters.clone();
         let (client, upstream, idle) = (self.client, self.upstream, self.idle_timeout);
+        let entry = log.rec.entry.as_deref().unwrap_or(PASSTHROUGH);
         let (error, reset_by) = relay_to_end(
             shared,
-            &self.entry,
+            entry,
             client,
             upstream,
-            &counters,
+            &log.counters,
             idle,
             on_bytes,
         )
@@ -202,7 +203,7 @@ pub(crate) async fn write_and_relay(
     client: TcpStream,
     upstream: TcpStream,
     first: Vec<u8>,
-    entry: String,
+    entry: &str,
     port: PortGuard<'_>,
 ) {
     if let Ok(relay) = ready(shared, gen, log, client, upstream, first, entry, port).await {
@@ -336,7 +337,7 @@ async fn connect_first<'s>(
         deny::reset(client);
         return Err(Ended);
     }
-    let entry = reg.entry_label(&v).to_string();
+    let entry = reg.entry_label(&v);
     ready(shared, gen, log, client, upstream, det.buf, entry, guard).await
 }
 
@@ -384,7 +385,7 @@ async fn connect<'s>(
         Err(e) => return Err(upstream_failed(shared, reg, log, client, protocol, &v, e).await),
     };
     log.rec.upstream = Some(up.addr);
-    let entry = reg.entry_label(&v).to_string();
+    let entry = reg.entry_label(&v);
     ready(shared, gen, log, client, up.stream, first, entry, up.guard).await
 }
 
@@ -398,10 +399,10 @@ async fn ready<'s>(
     client: TcpStream,
     mut upstream: TcpStream,
     first: Vec<u8>,
-    entry: String,
+    entry: &str,
     port: PortGuard<'s>,
 ) -> Result<Relay<'s>, Ended> {
-    let (up_bytes, down_bytes) = shared.metrics.byte_counters(&entry);
+    let (up_bytes, down_bytes) = shared.metrics.byte_counters(entry);
     // Server bytes relayed while the client's were being classified.
     down_bytes.inc_by(log.counters.down());
     let idle_timeout = gen.config().proxy.idle_timeout;
@@ -427,7 +428,6 @@ async fn ready<'s>(
     Ok(Relay {
         client,
         upstream,
-        entry,
         idle_timeout,
         bytes: (up_bytes, down_bytes),
         _port: port,

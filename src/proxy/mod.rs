@@ -147,7 +147,12 @@ pub async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
                 // The task is the flow's future itself: no wrapper future
                 // keeps a moved-from copy of its arguments beside it.
                 let flow = flow::handle(s, stream, peer, local, guard);
-                tokio::spawn(tracing::Instrument::instrument(flow, span));
+                if span.is_disabled() {
+                    // Without debug logging the span is empty: not carried by every flow.
+                    tokio::spawn(flow);
+                } else {
+                    tokio::spawn(tracing::Instrument::instrument(flow, span));
+                }
             }
             Err(e) => {
                 shared.metrics.accept_errors.inc();
