@@ -505,19 +505,19 @@ impl Drop for PipeLease<'_> {
 // Per-flow bookkeeping
 
 /// What both pumps of a flow share: counters, the caller's hook, and the last-activity clock.
-pub(crate) struct Flow<'a, F> {
+pub(crate) struct Meter<'a, F> {
     counters: &'a Counters,
     on_bytes: &'a F,
     epoch: Instant,
     /// Milliseconds from `epoch` to the last time bytes moved.
     last_ms: AtomicU64,
-    /// One direction has reached EOF (see [`Flow::last_eof`]).
+    /// One direction has reached EOF (see [`Meter::last_eof`]).
     one_eof: AtomicBool,
 }
 
-impl<'a, F: Fn(Direction, u64)> Flow<'a, F> {
+impl<'a, F: Fn(Direction, u64)> Meter<'a, F> {
     pub(crate) fn new(counters: &'a Counters, on_bytes: &'a F) -> Self {
-        Flow {
+        Meter {
             counters,
             on_bytes,
             epoch: Instant::now(),
@@ -664,7 +664,7 @@ fn copy_first<F: Fn(Direction, u64)>(
     src: &TcpStream,
     dst: &TcpStream,
     dir: Direction,
-    flow: &Flow<'_, F>,
+    flow: &Meter<'_, F>,
 ) -> Result<First, Fault> {
     let (src_side, dst_side) = sides(dir);
     let mut buf = [0u8; SMALL_COPY];
@@ -714,7 +714,7 @@ fn copy_first<F: Fn(Direction, u64)>(
 fn eof<F: Fn(Direction, u64)>(
     dst: &TcpStream,
     dst_side: Side,
-    flow: &Flow<'_, F>,
+    flow: &Meter<'_, F>,
 ) -> Result<(), Fault> {
     if flow.last_eof() {
         return Ok(());
@@ -738,7 +738,7 @@ pub async fn relay<F>(
 where
     F: Fn(Direction, u64) + Send + Sync,
 {
-    let flow = Flow::new(counters, &on_bytes);
+    let flow = Meter::new(counters, &on_bytes);
     let end = machine::Machine::new(&client, &upstream, pool, &flow, idle_timeout).await;
     close(client, upstream, &end);
     end
@@ -783,7 +783,7 @@ struct Metered<'a, 'f, F> {
     io: &'a TcpStream,
     /// The direction of the bytes written to this socket.
     dir: Direction,
-    flow: &'a Flow<'f, F>,
+    flow: &'a Meter<'f, F>,
     failed: bool,
 }
 
@@ -868,7 +868,7 @@ pub async fn relay_copy<F>(
 where
     F: Fn(Direction, u64) + Send + Sync,
 {
-    let flow = Flow::new(counters, &on_bytes);
+    let flow = Meter::new(counters, &on_bytes);
     let end = {
         let mut c = Metered {
             io: &client,
@@ -910,7 +910,7 @@ async fn with_watchers<T, F: Fn(Direction, u64)>(
     fut: impl Future<Output = T>,
     client: &TcpStream,
     upstream: &TcpStream,
-    flow: &Flow<'_, F>,
+    flow: &Meter<'_, F>,
     idle_timeout: Duration,
 ) -> Result<T, RelayEnd> {
     tokio::select! {
@@ -1008,7 +1008,7 @@ mod tests {
     async fn idle_clock_restarts_when_bytes_move() {
         let counters = Counters::new();
         let hook = |_: Direction, _: u64| {};
-        let flow = Flow::new(&counters, &hook);
+        let flow = Meter::new(&counters, &hook);
         let timeout = Duration::from_millis(150);
         let idle = flow.idle(timeout);
         tokio::pin!(idle);
@@ -1031,7 +1031,7 @@ mod tests {
     async fn no_timeout_is_forever() {
         let counters = Counters::new();
         let hook = |_: Direction, _: u64| {};
-        let flow = Flow::new(&counters, &hook);
+        let flow = Meter::new(&counters, &hook);
         let r = tokio::time::timeout(Duration::from_millis(50), flow.idle(Duration::MAX)).await;
         assert!(r.is_err());
     }

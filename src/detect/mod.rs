@@ -197,7 +197,7 @@ struct Sniff {
 }
 
 /// What one sniffed byte tells.
-enum Verdict {
+enum Sniffed {
     Undecided,
     Tls,
     Http,
@@ -205,60 +205,60 @@ enum Verdict {
 }
 
 impl Sniff {
-    fn step(&mut self, b: u8) -> Verdict {
+    fn step(&mut self, b: u8) -> Sniffed {
         let pos = self.buf.len();
         self.buf.push(b);
         match self.phase {
             Phase::Start => {
                 if b == 0x16 {
                     self.phase = Phase::TlsHeader;
-                    Verdict::Undecided
+                    Sniffed::Undecided
                 } else if b.is_ascii_uppercase() {
                     self.phase = Phase::Method;
-                    Verdict::Undecided
+                    Sniffed::Undecided
                 } else {
-                    Verdict::Opaque
+                    Sniffed::Opaque
                 }
             }
             // A TLS record header starts 0x16 0x03 0x00..=0x04 (SSL 3.0 to TLS 1.3 record versions).
             Phase::TlsHeader => match (pos, b) {
-                (1, 0x03) => Verdict::Undecided,
-                (2, 0x00..=0x04) => Verdict::Tls,
-                _ => Verdict::Opaque,
+                (1, 0x03) => Sniffed::Undecided,
+                (2, 0x00..=0x04) => Sniffed::Tls,
+                _ => Sniffed::Opaque,
             },
             Phase::Method => {
                 if b == b' ' {
                     self.phase = Phase::Target { len: 0 };
-                    Verdict::Undecided
+                    Sniffed::Undecided
                 } else if b.is_ascii_uppercase() && pos < MAX_METHOD {
-                    Verdict::Undecided
+                    Sniffed::Undecided
                 } else {
-                    Verdict::Opaque
+                    Sniffed::Opaque
                 }
             }
             Phase::Target { len } => {
                 if b == b' ' && len > 0 {
                     self.phase = Phase::Version { matched: 1 };
-                    Verdict::Undecided
+                    Sniffed::Undecided
                 } else if b > b' ' && b != 0x7f {
                     // Visible ASCII or obs-text: the HTTP parser judges the target's syntax later.
                     self.phase = Phase::Target { len: len + 1 };
-                    Verdict::Undecided
+                    Sniffed::Undecided
                 } else {
-                    Verdict::Opaque
+                    Sniffed::Opaque
                 }
             }
             Phase::Version { matched } => {
                 if HTTP1_VERSION.get(matched) != Some(&b) {
                     // Includes the HTTP/2 preface "PRI * HTTP/2.0": it is not HTTP/1.
-                    Verdict::Opaque
+                    Sniffed::Opaque
                 } else if matched + 1 == HTTP1_VERSION.len() {
-                    Verdict::Http
+                    Sniffed::Http
                 } else {
                     self.phase = Phase::Version {
                         matched: matched + 1,
                     };
-                    Verdict::Undecided
+                    Sniffed::Undecided
                 }
             }
         }
@@ -295,7 +295,7 @@ impl Detector {
                 for (i, &b) in new.iter().enumerate() {
                     self.sniff_examined += 1;
                     match s.step(b) {
-                        Verdict::Undecided => {}
+                        Sniffed::Undecided => {}
                         v => {
                             decided = Some((v, i + 1));
                             break;
@@ -312,7 +312,7 @@ impl Detector {
                         let prefix = std::mem::take(&mut s.buf);
                         let rest = new.get(used..).unwrap_or_default();
                         match verdict {
-                            Verdict::Tls => {
+                            Sniffed::Tls => {
                                 let mut t = tls::TlsState::new();
                                 let first = t.push(&prefix);
                                 let step = if first.is_final() {
@@ -323,7 +323,7 @@ impl Detector {
                                 self.state = State::Tls(t);
                                 step
                             }
-                            Verdict::Http => {
+                            Sniffed::Http => {
                                 // The sniffed request line holds no line break, so the search
                                 // for the end of the head starts after it.
                                 let mut h = http::HttpState::new(prefix);
@@ -331,7 +331,7 @@ impl Detector {
                                 self.state = State::Http(h);
                                 step
                             }
-                            Verdict::Opaque | Verdict::Undecided => Step::Done(Detected::opaque()),
+                            Sniffed::Opaque | Sniffed::Undecided => Step::Done(Detected::opaque()),
                         }
                     }
                 }

@@ -22,7 +22,7 @@ use crate::proxy::deny;
 use crate::proxy::record::FlowLog;
 use crate::registry::{Decision, DetectPlan, FlowFacts, Protocol, Reason, Registry, Verdict};
 use crate::relay::machine::{Closed, Machine};
-use crate::relay::{self, Counters, Direction, Flow as Meter, RelayEnd, RelayMode, Side};
+use crate::relay::{self, Counters, Direction, Meter, RelayEnd, RelayMode, Side};
 use crate::state::{ActiveGuard, Generation, Shared};
 use crate::upstream::{ConnectError, Connected, Hop, PortGuard, LOOP_HOPS};
 use crate::vocab::Mode;

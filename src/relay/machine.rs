@@ -26,7 +26,7 @@ use tokio::net::TcpStream;
 use tokio::time::Sleep;
 
 use super::{
-    copy_first, eof, sides, watch_error, Direction, Fault, First, Flow, PipeLease, PipePool,
+    copy_first, eof, sides, watch_error, Direction, Fault, First, Meter, PipeLease, PipePool,
     RelayEnd, Side, FALLBACK_CHUNK, SMALL_COPY,
 };
 
@@ -78,7 +78,7 @@ impl<'p> Pump<'p> {
         src: &TcpStream,
         dst: &TcpStream,
         pool: &'p PipePool,
-        flow: &Flow<'_, F>,
+        flow: &Meter<'_, F>,
     ) -> Poll<Result<(), Fault>> {
         let dir = self.dir;
         let (src_side, dst_side) = sides(dir);
@@ -228,7 +228,7 @@ pub(crate) struct Machine<'a, F> {
     client: &'a TcpStream,
     upstream: &'a TcpStream,
     pool: &'a PipePool,
-    flow: &'a Flow<'a, F>,
+    flow: &'a Meter<'a, F>,
     up: Pump<'a>,
     down: Pump<'a>,
     idle_timeout: Duration,
@@ -250,7 +250,7 @@ impl<'a, F: Fn(Direction, u64)> Machine<'a, F> {
         client: &'a TcpStream,
         upstream: &'a TcpStream,
         pool: &'a PipePool,
-        flow: &'a Flow<'a, F>,
+        flow: &'a Meter<'a, F>,
         idle_timeout: Duration,
     ) -> Self {
         Machine {
