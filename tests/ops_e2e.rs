@@ -897,6 +897,19 @@ resolution = "DNS"
 
 // ------------------------------------------------------------ access log
 
+/// `portcullis_connections_total` of TCP flows denied for `reason` (entry BlackHole).
+fn tcp_denied(m: &Exposition, reason: &str) -> Option<f64> {
+    m.get(
+        "portcullis_connections_total",
+        &[
+            ("decision", "deny"),
+            ("protocol", "tcp"),
+            ("entry", "BlackHole"),
+            ("reason", reason),
+        ],
+    )
+}
+
 /// `n` loop flows (straight to the listener: denied and logged at once),
 /// from `threads` threads in the pod.
 fn flood_loops(pod: &str, n: usize, threads: usize) {
@@ -959,15 +972,7 @@ fn a_fifo_nobody_reads_neither_stalls_start_nor_flows() {
     flood_loops(ops.pod(), n, 4);
     eprintln!("{n} flows in {:?}", t.elapsed());
     let m = ops.metrics_until("every flood flow counted", |m| {
-        m.get(
-            "portcullis_connections_total",
-            &[
-                ("decision", "deny"),
-                ("protocol", "tcp"),
-                ("entry", "BlackHole"),
-                ("reason", "loop"),
-            ],
-        ) == Some(n as f64)
+        tcp_denied(m, "loop") == Some(n as f64)
     });
     // The queue (8192 lines) is full: the rest were dropped and counted.
     let dropped = m.value("portcullis_access_log_dropped_total", &[]);
@@ -1044,15 +1049,7 @@ fn a_stdout_pipe_nobody_reads_does_not_stall_flows() {
     let n = 10_000;
     flood_loops(ops.pod(), n, 4);
     let m = ops.metrics_until("every flood flow counted", |m| {
-        m.get(
-            "portcullis_connections_total",
-            &[
-                ("decision", "deny"),
-                ("protocol", "tcp"),
-                ("entry", "BlackHole"),
-                ("reason", "loop"),
-            ],
-        ) == Some(n as f64)
+        tcp_denied(m, "loop") == Some(n as f64)
     });
     // at most the pipe (64 KiB of lines) and the queue (8192) took lines
     let dropped = m.value("portcullis_access_log_dropped_total", &[]);
@@ -1482,17 +1479,7 @@ fn past_max_connections_flows_are_reset_and_counted_as_overload() {
             assert!(closed_within(&mut s, Duration::from_secs(5)), "not refused");
         }
     }
-    let m = ops.metrics_until("5 overloads", |m| {
-        m.get(
-            "portcullis_connections_total",
-            &[
-                ("decision", "deny"),
-                ("protocol", "tcp"),
-                ("entry", "BlackHole"),
-                ("reason", "overload"),
-            ],
-        ) == Some(5.0)
-    });
+    let m = ops.metrics_until("5 overloads", |m| tcp_denied(m, "overload") == Some(5.0));
     assert_eq!(m.value("portcullis_active_connections", &[]), 5.0);
     let l = ops.log_find("of an overload", |l| l["reason"] == "overload");
     assert_eq!(l["decision"], "deny", "{l}");
@@ -1560,15 +1547,7 @@ fn max_connections_is_exact_across_the_ipv4_and_ipv6_listeners() {
         hs.into_iter().map(|h| h.join().unwrap()).collect()
     });
     ops.metrics_until("every connection taken or refused", |m| {
-        m.get(
-            "portcullis_connections_total",
-            &[
-                ("decision", "deny"),
-                ("protocol", "tcp"),
-                ("entry", "BlackHole"),
-                ("reason", "overload"),
-            ],
-        ) == Some((2 * EACH - MAX) as f64)
+        tcp_denied(m, "overload") == Some((2 * EACH - MAX) as f64)
     });
     // Still exactly MAX once every overload is counted.
     let m = ops.metrics();
@@ -1800,15 +1779,7 @@ fn a_flood_on_health_from_one_host_costs_no_egress_flow_and_no_probe() {
         .collect();
     ops.metrics_until("max_connections reached, 100 flows past it reset", |m| {
         m.get("portcullis_active_connections", &[]) == Some(max as f64)
-            && m.get(
-                "portcullis_connections_total",
-                &[
-                    ("decision", "deny"),
-                    ("protocol", "tcp"),
-                    ("entry", "BlackHole"),
-                    ("reason", "overload"),
-                ],
-            ) == Some(100.0)
+            && tcp_denied(m, "overload") == Some(100.0)
     });
     // ... and so do probes from another address, the node's.
     for _ in 0..10 {
