@@ -167,7 +167,6 @@ fn echo(s: &mut TcpStream, n: usize) {
     assert!(got == data, "echo mismatch");
 }
 
-/// Reads until EOF or reset (true), or false if the peer stays open for `t`.
 /// How `s` ends within `t`: None if still open, `Ok(())` for a FIN, else the error kind.
 fn end_within(s: &mut TcpStream, t: Duration) -> Option<Result<(), io::ErrorKind>> {
     let deadline = Instant::now() + t;
@@ -194,29 +193,9 @@ fn end_within(s: &mut TcpStream, t: Duration) -> Option<Result<(), io::ErrorKind
     }
 }
 
+/// Reads until EOF or reset (true), or false if the peer stays open for `t`.
 fn closed_within(s: &mut TcpStream, t: Duration) -> bool {
-    let deadline = Instant::now() + t;
-    let mut buf = [0u8; 4096];
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return false;
-        }
-        s.set_read_timeout(Some(left)).unwrap();
-        match s.read(&mut buf) {
-            Ok(0) => return true,
-            Ok(_) => {}
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) =>
-            {
-                return false
-            }
-            Err(_) => return true,
-        }
-    }
+    end_within(s, t).is_some()
 }
 
 /// A flow to `dst` that the proxy resets or closes (maybe already while the
