@@ -404,21 +404,16 @@ const REGISTRY: &str = concat!(
 name = "files"
 hosts = ["*.files.example.com"]
 ports = [{ number = 443, protocol = "TLS" }, { number = 80, protocol = "HTTP" }]
-
-[[service_entry]]
-name = "pinned"
-hosts = ["other.example.net"]
-addresses = ["198.51.100.7/32"]
-ports = [{ number = 443, protocol = "TLS" }]
-resolution = "NONE"
-
-[[service_entry]]
-name = "pinned-wild"
-hosts = ["*.pinned.example"]
-addresses = ["198.51.100.7/32"]
-ports = [{ number = 443, protocol = "TLS" }]
-resolution = "NONE"
-
+"#,
+    pinned_entry!("pinned", "other.example.net", "198.51.100.7/32", 443, "TLS"),
+    pinned_entry!(
+        "pinned-wild",
+        "*.pinned.example",
+        "198.51.100.7/32",
+        443,
+        "TLS"
+    ),
+    r#"
 [[service_entry]]
 name = "backend"
 addresses = ["198.51.100.7/32"]
