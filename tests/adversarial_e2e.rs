@@ -23,6 +23,8 @@ use serde_json::Value;
 struct Px {
     world: World,
     proxy: Proc,
+    /// How many access-log lines `next_line` has handed out.
+    seen: usize,
 }
 
 /// `[proxy]` and `[redirect]` with the timeouts of these tests; `extra` goes into `[proxy]`.
@@ -39,7 +41,11 @@ impl Px {
         let proxy = world.spawn_proxy(&["run", "-c", cfg.to_str().unwrap()]);
         world.wait_tcp(&world.pod, "127.0.0.1:15001".parse().unwrap());
         world.wait_tcp(&world.pod, "127.0.0.1:15000".parse().unwrap());
-        Px { world, proxy }
+        Px {
+            world,
+            proxy,
+            seen: 0,
+        }
     }
 
     /// The access log so far, once it holds at least `n` lines.
@@ -50,6 +56,12 @@ impl Px {
     /// The line of the `n`-th flow (1-based), once it is there.
     fn nth(&mut self, n: usize) -> Value {
         self.log(n)[n - 1].clone()
+    }
+
+    /// The line of the flow after the one last taken by this method, once it is there.
+    fn next_line(&mut self) -> Value {
+        self.seen += 1;
+        self.nth(self.seen)
     }
 
     /// A client connection from the pod (redirected to the proxy).
@@ -392,21 +404,16 @@ const REGISTRY: &str = concat!(
 name = "files"
 hosts = ["*.files.example.com"]
 ports = [{ number = 443, protocol = "TLS" }, { number = 80, protocol = "HTTP" }]
-
-[[service_entry]]
-name = "pinned"
-hosts = ["other.example.net"]
-addresses = ["198.51.100.7/32"]
-ports = [{ number = 443, protocol = "TLS" }]
-resolution = "NONE"
-
-[[service_entry]]
-name = "pinned-wild"
-hosts = ["*.pinned.example"]
-addresses = ["198.51.100.7/32"]
-ports = [{ number = 443, protocol = "TLS" }]
-resolution = "NONE"
-
+"#,
+    pinned_entry!("pinned", "other.example.net", "198.51.100.7/32", 443, "TLS"),
+    pinned_entry!(
+        "pinned-wild",
+        "*.pinned.example",
+        "198.51.100.7/32",
+        443,
+        "TLS"
+    ),
+    r#"
 [[service_entry]]
 name = "backend"
 addresses = ["198.51.100.7/32"]
@@ -556,7 +563,6 @@ fn a_60k_hello_dripped_byte_by_byte_is_examined_linearly() {
 #[test]
 fn oversized_and_garbage_first_flights() {
     let mut px = Px::start("", &proxy_section("5s", ""), REGISTRY);
-    let mut n = 0;
 
     // A hello of 70 KiB: its handshake length alone says it is too large.
     let big = Hello::golden()
@@ -568,8 +574,7 @@ fn oversized_and_garbage_first_flights() {
     let _ = s.write_all(&big);
     let (got, _) = read_all(&mut s);
     assert_eq!(got, ALERT);
-    n += 1;
-    let l = px.nth(n);
+    let l = px.next_line();
     assert_log(
         &l,
         &[
@@ -589,8 +594,7 @@ fn oversized_and_garbage_first_flights() {
     let text = String::from_utf8_lossy(&got);
     assert!(text.starts_with("HTTP/1.1 403 Forbidden"), "{text}");
     assert!(text.contains("too_large"), "{text}");
-    n += 1;
-    let l = px.nth(n);
+    let l = px.next_line();
     assert_log(&l, &[("reason", "too_large"), ("protocol", "http")]);
 
     // Random bytes: no protocol, no name; on a TLS port of no TCP entry, a reset.
@@ -610,8 +614,7 @@ fn oversized_and_garbage_first_flights() {
     let (got, r) = read_all(&mut s);
     assert!(got.is_empty(), "{got:?}");
     assert!(r.is_ok() || was_reset(&r), "{r:?}");
-    n += 1;
-    let l = px.nth(n);
+    let l = px.next_line();
     assert_log(
         &l,
         &[
@@ -628,8 +631,7 @@ fn oversized_and_garbage_first_flights() {
     // A ClientHello header whose length fills the record exactly, so the garbage body decides.
     g[5..9].copy_from_slice(&[0x01, 0x00, 0x00, 0xfc]);
     expect_alert(&px, addr::API_V4, &g);
-    n += 1;
-    let l = px.nth(n);
+    let l = px.next_line();
     assert_log(&l, &[("reason", "malformed"), ("protocol", "tls")]);
     // An HTTP request line followed by binary junk: malformed, answered with a 403.
     let mut g = b"GET / HTTP/1.1\r\n".to_vec();
@@ -640,8 +642,7 @@ fn oversized_and_garbage_first_flights() {
     let (got, _) = read_all(&mut s);
     let text = String::from_utf8_lossy(&got);
     assert!(text.starts_with("HTTP/1.1 403 Forbidden"), "{text}");
-    n += 1;
-    let l = px.nth(n);
+    let l = px.next_line();
     assert_eq!(l["reason"], "malformed", "{l}");
     assert!(
         px.world.upstream_accepts().is_empty(),
@@ -657,11 +658,6 @@ fn oversized_and_garbage_first_flights() {
 fn sni_shapes() {
     let mut px = Px::start("", &proxy_section("5s", ""), REGISTRY);
     let golden = Hello::golden();
-    let mut n = 0;
-    let mut next = |px: &mut Px| {
-        n += 1;
-        px.nth(n)
-    };
 
     // No SNI at all: no name, so nothing in the registry matches.
     expect_alert(
@@ -669,7 +665,7 @@ fn sni_shapes() {
         addr::API_V4,
         &golden.clone().without(EXT_SERVER_NAME).bytes(),
     );
-    let l = next(&mut px);
+    let l = px.next_line();
     assert_log(
         &l,
         &[
@@ -686,7 +682,7 @@ fn sni_shapes() {
         addr::API_V4,
         &golden.clone().sni(&["192.0.2.10"]).bytes(),
     );
-    let l = next(&mut px);
+    let l = px.next_line();
     assert_eq!(l["reason"], "not_in_registry", "{l}");
     assert!(l["name"].is_null(), "{l}");
     let denied: Value = serde_json::from_str(&px.admin("/denied")).unwrap();
@@ -703,7 +699,7 @@ fn sni_shapes() {
     // Upper case and a trailing dot are the same name: allowed.
     for name in ["API.EXAMPLE.COM", "Api.Example.Com.", "api.example.com."] {
         expect_server_hello(&px, addr::API_V4, &golden.clone().sni(&[name]).bytes());
-        let l = next(&mut px);
+        let l = px.next_line();
         assert_eq!(
             (
                 l["decision"].as_str(),
@@ -735,7 +731,7 @@ fn sni_shapes() {
         golden.clone().sni_typed(&[(7, "api.example.com")]),
     ] {
         expect_alert(&px, addr::API_V4, &hello.bytes());
-        let l = next(&mut px);
+        let l = px.next_line();
         assert_log(&l, &[("decision", "deny"), ("reason", "malformed")]);
     }
 
@@ -749,7 +745,7 @@ fn sni_shapes() {
             .grease_ech()
             .bytes(),
     );
-    let l = next(&mut px);
+    let l = px.next_line();
     assert_eq!(
         (
             l["decision"].as_str(),
@@ -769,7 +765,7 @@ fn sni_shapes() {
             .grease_ech()
             .bytes(),
     );
-    let l = next(&mut px);
+    let l = px.next_line();
     assert_eq!(
         (l["decision"].as_str(), l["ech"].as_bool()),
         (Some("deny"), Some(true)),
@@ -783,7 +779,6 @@ fn sni_shapes() {
 fn sni_and_host_spoofing() {
     let mut px = Px::start("", &proxy_section("5s", ""), REGISTRY);
     let golden = Hello::golden();
-    let mut n = 0;
 
     // DNS, exact: dialling 198.51.100.7 presenting api.example.com reaches 192.0.2.10.
     let out = px.world.curl(&[
@@ -792,8 +787,7 @@ fn sni_and_host_spoofing() {
         "https://api.example.com/",
     ]);
     assert!(out.ok().contains("local=192.0.2.10:443"), "{out:?}");
-    n += 1;
-    let l = px.nth(n);
+    let l = px.next_line();
     assert_log(
         &l,
         &[("dst", "198.51.100.7:443"), ("upstream", "192.0.2.10:443")],
@@ -805,8 +799,7 @@ fn sni_and_host_spoofing() {
         "https://a.files.example.com/",
     ]);
     assert!(out.ok().contains("local=192.0.2.11:443"), "{out:?}");
-    n += 1;
-    let l = px.nth(n);
+    let l = px.next_line();
     assert_eq!(l["upstream"], "192.0.2.11:443", "{l}");
     // HTTP, the same with Host: dialling 198.51.100.7:80 naming api.example.com.
     let out = px.world.curl(&[
@@ -815,8 +808,7 @@ fn sni_and_host_spoofing() {
         "http://api.example.com/",
     ]);
     assert!(out.ok().contains("local=192.0.2.10:80"), "{out:?}");
-    n += 1;
-    let l = px.nth(n);
+    let l = px.next_line();
     assert_eq!(l["upstream"], "192.0.2.10:80", "{l}");
 
     let accepts_before = px.world.upstream_accepts().len();
@@ -826,8 +818,7 @@ fn sni_and_host_spoofing() {
         addr::API_V4,
         &golden.clone().sni(&["other.example.net"]).bytes(),
     );
-    n += 1;
-    let l = px.nth(n);
+    let l = px.next_line();
     assert_log(
         &l,
         &[
@@ -841,8 +832,7 @@ fn sni_and_host_spoofing() {
         addr::API_V4,
         &golden.clone().sni(&["x.pinned.example"]).bytes(),
     );
-    n += 1;
-    let l = px.nth(n);
+    let l = px.next_line();
     assert_eq!(l["reason"], "address_mismatch", "{l}");
     assert_eq!(
         px.world.upstream_accepts().len(),
@@ -852,8 +842,7 @@ fn sni_and_host_spoofing() {
     // ... and at the pinned address both are allowed, to that address.
     for name in ["other.example.net", "x.pinned.example"] {
         expect_server_hello(&px, addr::OTHER_V4, &golden.clone().sni(&[name]).bytes());
-        n += 1;
-        let l = px.nth(n);
+        let l = px.next_line();
         assert_log(
             &l,
             &[("decision", "allow"), ("upstream", "198.51.100.7:443")],
@@ -865,8 +854,7 @@ fn sni_and_host_spoofing() {
         addr::OTHER_V4,
         &golden.clone().sni(&["pinned.example"]).bytes(),
     );
-    n += 1;
-    let l = px.nth(n);
+    let l = px.next_line();
     assert_eq!(l["reason"], "not_in_registry", "{l}");
 }
 
@@ -910,13 +898,11 @@ fn http_host_shapes() {
             b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n",
         ),
     ];
-    let mut n = 0;
     for (what, req) in refused {
         let text = http_exchange(&px, addr::API_V4, req);
         assert!(text.starts_with("HTTP/1.1 403 Forbidden"), "{what}: {text}");
         assert!(text.contains("denied: malformed"), "{what}: {text}");
-        n += 1;
-        let l = px.nth(n);
+        let l = px.next_line();
         assert_eq!(
             (
                 l["decision"].as_str(),
@@ -940,8 +926,7 @@ fn http_host_shapes() {
     ] {
         let text = http_exchange(&px, addr::API_V4, req);
         assert!(text.starts_with("HTTP/1.1 200 OK"), "{text}");
-        n += 1;
-        let l = px.nth(n);
+        let l = px.next_line();
         assert_log(&l, &[("decision", "allow"), ("name", "api.example.com")]);
     }
 
@@ -951,8 +936,7 @@ fn http_host_shapes() {
         let req = format!("GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
         let text = http_exchange(&px, addr::API_V4, req.as_bytes());
         assert!(text.starts_with("HTTP/1.1 403 Forbidden"), "{host}: {text}");
-        n += 1;
-        let l = px.nth(n);
+        let l = px.next_line();
         assert_eq!(
             (l["decision"].as_str(), l["reason"].as_str()),
             (Some("deny"), Some("not_in_registry")),
@@ -977,8 +961,7 @@ fn http_host_shapes() {
                 && text.contains("http ok host=api.example.com local=192.0.2.10:80"),
             "{text}"
         );
-        n += 1;
-        let l = px.nth(n);
+        let l = px.next_line();
         assert_log(
             &l,
             &[
@@ -1188,10 +1171,8 @@ ports = [{ number = 9, protocol = "TCP" }]
 "#;
     let mut px = Px::start("", &proxy_section("5s", ""), entries);
     let golden = Hello::golden();
-    let mut n = 0;
-    let mut expect = |px: &mut Px, error: &str, entry: &str| {
-        n += 1;
-        let l = px.nth(n);
+    let expect = |px: &mut Px, error: &str, entry: &str| {
+        let l = px.next_line();
         assert_eq!(
             (
                 l["decision"].as_str(),

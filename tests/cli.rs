@@ -143,17 +143,17 @@ fn every_command_reports_one_line_and_its_exit_code() {
     }
 }
 
+/// `portcullis explain -c config.toml --dst DST` with `more` appended.
+fn explain(dst: &str, more: &[&str]) -> (i32, String) {
+    let mut args = vec!["explain", "-c", "config.toml", "--dst", dst];
+    args.extend_from_slice(more);
+    let (code, out, _) = portcullis(&args);
+    (code, out)
+}
+
 #[test]
 fn explain_decisions() {
-    let (code, out, _) = portcullis(&[
-        "explain",
-        "-c",
-        "config.toml",
-        "--dst",
-        "192.0.2.10:443",
-        "--sni",
-        "API.Example.com.",
-    ]);
+    let (code, out) = explain("192.0.2.10:443", &["--sni", "API.Example.com."]);
     assert_eq!(code, 0);
     assert!(out.contains("decision: allow"), "{out}");
     assert!(
@@ -165,22 +165,14 @@ fn explain_decisions() {
     );
     assert!(out.contains("would resolve api.example.com"), "{out}");
 
-    let (_, out, _) = portcullis(&[
-        "explain",
-        "-c",
-        "config.toml",
-        "--dst",
-        "192.0.2.10:443",
-        "--sni",
-        "files.example.com",
-    ]);
+    let (_, out) = explain("192.0.2.10:443", &["--sni", "files.example.com"]);
     assert!(
         out.contains("decision: deny") && out.contains("reason: not_in_registry"),
         "{out}"
     );
     assert!(out.contains("candidates on port 443"), "{out}");
 
-    let (_, out, _) = portcullis(&["explain", "-c", "config.toml", "--dst", "198.51.100.7:5432"]);
+    let (_, out) = explain("198.51.100.7:5432", &[]);
     assert!(
         out.contains("decision: allow")
             && out.contains(&format!(
@@ -190,61 +182,40 @@ fn explain_decisions() {
         "{out}"
     );
 
-    let (_, out, _) = portcullis(&[
-        "explain",
-        "-c",
-        "config.toml",
-        "--dst",
-        "192.0.2.10:80",
-        "--host",
-        "a.files.example.com",
-    ]);
-    assert!(
-        out.contains("decision: allow") && out.contains("file-store"),
-        "{out}"
-    );
-
-    let (_, out, _) = portcullis(&[
-        "explain",
-        "-c",
-        "config.toml",
-        "--dst",
-        "192.0.2.10:443",
-        "--sni",
-        "192.0.2.10",
-    ]);
-    assert!(
-        out.contains("IP literal") && out.contains("reason: not_in_registry"),
-        "{out}"
-    );
-
-    let (_, out, _) = portcullis(&[
-        "explain",
-        "-c",
-        "config.toml",
-        "--dst",
-        "192.0.2.10:443",
-        "--sni",
-        "bad_name!",
-    ]);
-    assert!(out.contains("reason: malformed"), "{out}");
-
-    let (_, out, _) = portcullis(&["explain", "-c", "config.toml", "--dst", "192.0.2.25:587"]);
-    assert!(
-        out.contains("mail-relay") && out.contains("explain never resolves"),
-        "{out}"
-    );
-
-    let (_, out, _) = portcullis(&[
-        "explain",
-        "-c",
-        "config.toml",
-        "--dst",
-        "192.0.2.10:443",
-        "--sni",
-        "legacy.example.org",
-    ]);
-    assert!(out.contains("203.0.113.5:8443 (STATIC"), "{out}");
+    // (dst, extra arguments, every piece the output must contain)
+    let cases: &[(&str, &[&str], &[&str])] = &[
+        (
+            "192.0.2.10:80",
+            &["--host", "a.files.example.com"],
+            &["decision: allow", "file-store"],
+        ),
+        (
+            "192.0.2.10:443",
+            &["--sni", "192.0.2.10"],
+            &["IP literal", "reason: not_in_registry"],
+        ),
+        (
+            "192.0.2.10:443",
+            &["--sni", "bad_name!"],
+            &["reason: malformed"],
+        ),
+        (
+            "192.0.2.25:587",
+            &[],
+            &["mail-relay", "explain never resolves"],
+        ),
+        (
+            "192.0.2.10:443",
+            &["--sni", "legacy.example.org"],
+            &["203.0.113.5:8443 (STATIC"],
+        ),
+    ];
+    for (dst, more, wants) in cases {
+        let (_, out) = explain(dst, more);
+        for want in *wants {
+            assert!(out.contains(want), "{dst} {more:?}: {out}");
+        }
+    }
     assert!(Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("config.toml")
         .exists());

@@ -167,7 +167,6 @@ fn echo(s: &mut TcpStream, n: usize) {
     assert!(got == data, "echo mismatch");
 }
 
-/// Reads until EOF or reset (true), or false if the peer stays open for `t`.
 /// How `s` ends within `t`: None if still open, `Ok(())` for a FIN, else the error kind.
 fn end_within(s: &mut TcpStream, t: Duration) -> Option<Result<(), io::ErrorKind>> {
     let deadline = Instant::now() + t;
@@ -194,29 +193,9 @@ fn end_within(s: &mut TcpStream, t: Duration) -> Option<Result<(), io::ErrorKind
     }
 }
 
+/// Reads until EOF or reset (true), or false if the peer stays open for `t`.
 fn closed_within(s: &mut TcpStream, t: Duration) -> bool {
-    let deadline = Instant::now() + t;
-    let mut buf = [0u8; 4096];
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return false;
-        }
-        s.set_read_timeout(Some(left)).unwrap();
-        match s.read(&mut buf) {
-            Ok(0) => return true,
-            Ok(_) => {}
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) =>
-            {
-                return false
-            }
-            Err(_) => return true,
-        }
-    }
+    end_within(s, t).is_some()
 }
 
 /// A flow to `dst` that the proxy resets or closes (maybe already while the
@@ -536,6 +515,19 @@ fn raw_http(ops: &Ops, dst: SocketAddr, host: &str) -> String {
     String::from_utf8_lossy(&got).into_owned()
 }
 
+/// curl `url` from the pod over IPv4; the body must contain `want`.
+#[track_caller]
+fn served(w: &World, url: &str, want: &str) {
+    assert!(w.curl(&["-4", url]).ok().contains(want), "{url}");
+}
+
+/// A connection from the pod to the backend's echo port that has echoed `n` bytes.
+fn echoed(w: &World, n: usize) -> TcpStream {
+    let mut s = w.pod_connect(sa(addr::OTHER_V4, port::ECHO)).unwrap();
+    echo(&mut s, n);
+    s
+}
+
 #[test]
 fn metrics_after_a_known_mix_of_flows() {
     let strict = proxy_config("", "", &format!("{API}{BACKEND}"));
@@ -544,16 +536,9 @@ fn metrics_after_a_known_mix_of_flows() {
 
     // REGISTRY_ONLY: allowed TLS, HTTP, TCP (by address), a refused upstream,
     // denied TLS and HTTP, a loop.
-    assert!(w
-        .curl(&["-4", "https://api.example.com/"])
-        .ok()
-        .contains("tls ok"));
-    assert!(w
-        .curl(&["-4", "http://api.example.com/"])
-        .ok()
-        .contains("http ok"));
-    let mut s = w.pod_connect(sa(addr::OTHER_V4, port::ECHO)).unwrap();
-    echo(&mut s, 1000);
+    served(w, "https://api.example.com/", "tls ok");
+    served(w, "http://api.example.com/", "http ok");
+    let mut s = echoed(w, 1000);
     s.shutdown(Shutdown::Write).unwrap();
     assert!(closed_within(&mut s, Duration::from_secs(10)));
     drop(s);
@@ -605,14 +590,8 @@ fn metrics_after_a_known_mix_of_flows() {
     ));
     ops.wait_reloads("success", 2);
     let w = &ops.world;
-    assert!(w
-        .curl(&["-4", "http://other.example.net/"])
-        .ok()
-        .contains("http ok"));
-    assert!(w
-        .curl(&["-4", "https://api.example.com/"])
-        .ok()
-        .contains("tls ok"));
+    served(w, "http://other.example.net/", "http ok");
+    served(w, "https://api.example.com/", "tls ok");
 
     let m = ops.metrics_until("all flows ended", |m| {
         m.get("portcullis_active_connections", &[]) == Some(0.0)
@@ -897,6 +876,19 @@ resolution = "DNS"
 
 // ------------------------------------------------------------ access log
 
+/// `portcullis_connections_total` of TCP flows denied for `reason` (entry BlackHole).
+fn tcp_denied(m: &Exposition, reason: &str) -> Option<f64> {
+    m.get(
+        "portcullis_connections_total",
+        &[
+            ("decision", "deny"),
+            ("protocol", "tcp"),
+            ("entry", "BlackHole"),
+            ("reason", reason),
+        ],
+    )
+}
+
 /// `n` loop flows (straight to the listener: denied and logged at once),
 /// from `threads` threads in the pod.
 fn flood_loops(pod: &str, n: usize, threads: usize) {
@@ -959,15 +951,7 @@ fn a_fifo_nobody_reads_neither_stalls_start_nor_flows() {
     flood_loops(ops.pod(), n, 4);
     eprintln!("{n} flows in {:?}", t.elapsed());
     let m = ops.metrics_until("every flood flow counted", |m| {
-        m.get(
-            "portcullis_connections_total",
-            &[
-                ("decision", "deny"),
-                ("protocol", "tcp"),
-                ("entry", "BlackHole"),
-                ("reason", "loop"),
-            ],
-        ) == Some(n as f64)
+        tcp_denied(m, "loop") == Some(n as f64)
     });
     // The queue (8192 lines) is full: the rest were dropped and counted.
     let dropped = m.value("portcullis_access_log_dropped_total", &[]);
@@ -977,13 +961,8 @@ fn a_fifo_nobody_reads_neither_stalls_start_nor_flows() {
     );
     // Flows are served all the same.
     let w = &ops.world;
-    assert!(w
-        .curl(&["-4", "https://api.example.com/"])
-        .ok()
-        .contains("tls ok"));
-    let mut s = w.pod_connect(sa(addr::OTHER_V4, port::ECHO)).unwrap();
-    echo(&mut s, 10_000);
-    drop(s);
+    served(w, "https://api.example.com/", "tls ok");
+    drop(echoed(w, 10_000));
     let m = ops.metrics_until("more drops", |m| {
         m.value("portcullis_access_log_dropped_total", &[]) >= dropped + 2.0
     });
@@ -1049,31 +1028,15 @@ fn a_stdout_pipe_nobody_reads_does_not_stall_flows() {
     let n = 10_000;
     flood_loops(ops.pod(), n, 4);
     let m = ops.metrics_until("every flood flow counted", |m| {
-        m.get(
-            "portcullis_connections_total",
-            &[
-                ("decision", "deny"),
-                ("protocol", "tcp"),
-                ("entry", "BlackHole"),
-                ("reason", "loop"),
-            ],
-        ) == Some(n as f64)
+        tcp_denied(m, "loop") == Some(n as f64)
     });
     // at most the pipe (64 KiB of lines) and the queue (8192) took lines
     let dropped = m.value("portcullis_access_log_dropped_total", &[]);
     assert!(dropped >= (n - 8192 - 1000) as f64, "{dropped}");
     let w = &ops.world;
-    assert!(w
-        .curl(&["-4", "https://api.example.com/"])
-        .ok()
-        .contains("tls ok"));
-    assert!(w
-        .curl(&["-4", "http://api.example.com/"])
-        .ok()
-        .contains("http ok"));
-    let mut s = w.pod_connect(sa(addr::OTHER_V4, port::ECHO)).unwrap();
-    echo(&mut s, 100_000);
-    drop(s);
+    served(w, "https://api.example.com/", "tls ok");
+    served(w, "http://api.example.com/", "http ok");
+    drop(echoed(w, 100_000));
     let m = ops.metrics_until("the new flows counted and dropped", |m| {
         m.value("portcullis_access_log_dropped_total", &[]) >= dropped + 3.0
             && m.get("portcullis_active_connections", &[]) == Some(0.0)
@@ -1260,11 +1223,7 @@ fn reload_on_configmap_swap_bad_file_restart_keys_and_sighup() {
     );
     assert!(err.contains("re-run init"), "{err}");
     // audit applies to TCP flows at once: api passes, logged as audit
-    assert!(ops
-        .world
-        .curl(&["-4", "https://api.example.com/"])
-        .ok()
-        .contains("tls ok"));
+    served(&ops.world, "https://api.example.com/", "tls ok");
     echo(&mut long, 1000);
 
     // 4. SIGHUP reloads (the file is unchanged: only the signal can do it).
@@ -1413,22 +1372,13 @@ fn sigterm_drains_serving_old_and_new_flows_then_exits_zero() {
     assert!(draining, "{}", ops.proxy.logs(3000));
     // New flows are still accepted and served while the app shuts down too.
     let w = &ops.world;
-    assert!(w
-        .curl(&["-4", "https://api.example.com/"])
-        .ok()
-        .contains("tls ok"));
-    let mut s = w.pod_connect(sa(addr::OTHER_V4, port::ECHO)).unwrap();
-    echo(&mut s, 1000);
-    drop(s);
+    served(w, "https://api.example.com/", "tls ok");
+    drop(echoed(w, 1000));
     // Past drain_min, a flow remains: the proxy keeps serving (and accepting).
     let past_min = t0 + Duration::from_millis(1500);
     std::thread::sleep(past_min.saturating_duration_since(Instant::now()));
     assert!(ops.proxy.is_running(), "exited with a flow in flight");
-    assert!(ops
-        .world
-        .curl(&["-4", "http://api.example.com/"])
-        .ok()
-        .contains("http ok"));
+    served(&ops.world, "http://api.example.com/", "http ok");
     echo(&mut long, 1000);
     assert_eq!(http_get(&pod, ADMIN, "/metrics").unwrap().0, 200);
     // The last flow ends: the proxy exits 0, its access log complete.
@@ -1500,13 +1450,7 @@ fn drain_timeout_closes_the_remaining_flows_and_exits_zero() {
 fn past_max_connections_flows_are_reset_and_counted_as_overload() {
     let mut ops = Ops::start(&proxy_config("", "max_connections = 5", BACKEND));
     let w = &ops.world;
-    let mut open: Vec<TcpStream> = (0..5)
-        .map(|_| {
-            let mut s = w.pod_connect(sa(addr::OTHER_V4, port::ECHO)).unwrap();
-            echo(&mut s, 100);
-            s
-        })
-        .collect();
+    let mut open: Vec<TcpStream> = (0..5).map(|_| echoed(w, 100)).collect();
     for _ in 0..5 {
         // accepted by the kernel, then reset by the proxy at once
         if let Ok(mut s) = w.pod_connect(sa(addr::OTHER_V4, port::ECHO)) {
@@ -1514,17 +1458,7 @@ fn past_max_connections_flows_are_reset_and_counted_as_overload() {
             assert!(closed_within(&mut s, Duration::from_secs(5)), "not refused");
         }
     }
-    let m = ops.metrics_until("5 overloads", |m| {
-        m.get(
-            "portcullis_connections_total",
-            &[
-                ("decision", "deny"),
-                ("protocol", "tcp"),
-                ("entry", "BlackHole"),
-                ("reason", "overload"),
-            ],
-        ) == Some(5.0)
-    });
+    let m = ops.metrics_until("5 overloads", |m| tcp_denied(m, "overload") == Some(5.0));
     assert_eq!(m.value("portcullis_active_connections", &[]), 5.0);
     let l = ops.log_find("of an overload", |l| l["reason"] == "overload");
     assert_eq!(l["decision"], "deny", "{l}");
@@ -1592,15 +1526,7 @@ fn max_connections_is_exact_across_the_ipv4_and_ipv6_listeners() {
         hs.into_iter().map(|h| h.join().unwrap()).collect()
     });
     ops.metrics_until("every connection taken or refused", |m| {
-        m.get(
-            "portcullis_connections_total",
-            &[
-                ("decision", "deny"),
-                ("protocol", "tcp"),
-                ("entry", "BlackHole"),
-                ("reason", "overload"),
-            ],
-        ) == Some((2 * EACH - MAX) as f64)
+        tcp_denied(m, "overload") == Some((2 * EACH - MAX) as f64)
     });
     // Still exactly MAX once every overload is counted.
     let m = ops.metrics();
@@ -1832,15 +1758,7 @@ fn a_flood_on_health_from_one_host_costs_no_egress_flow_and_no_probe() {
         .collect();
     ops.metrics_until("max_connections reached, 100 flows past it reset", |m| {
         m.get("portcullis_active_connections", &[]) == Some(max as f64)
-            && m.get(
-                "portcullis_connections_total",
-                &[
-                    ("decision", "deny"),
-                    ("protocol", "tcp"),
-                    ("entry", "BlackHole"),
-                    ("reason", "overload"),
-                ],
-            ) == Some(100.0)
+            && tcp_denied(m, "overload") == Some(100.0)
     });
     // ... and so do probes from another address, the node's.
     for _ in 0..10 {
@@ -1957,11 +1875,7 @@ fn workload(ops: &Ops) -> usize {
 fn denied_toml_from_audit_pasted_lets_the_same_flows_pass_registry_only() {
     let mut ops = Ops::start(&proxy_config("audit = true", "", API));
     let n = workload(&ops);
-    assert!(ops
-        .world
-        .curl(&["-4", "https://api.example.com/"])
-        .ok()
-        .contains("tls ok"));
+    served(&ops.world, "https://api.example.com/", "tls ok");
     let log = ops.log(n + 1);
     assert_eq!(
         log.iter().filter(|l| l["decision"] == "audit").count(),

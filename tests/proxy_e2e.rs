@@ -77,14 +77,8 @@ impl Px {
 const API: &str = concat!(
     api_entry!(),
     files_entry!(),
+    pinned_entry!("pinned", "other.example.net", "198.51.100.7/32", 443, "TLS"),
     r#"
-[[service_entry]]
-name = "pinned"
-hosts = ["other.example.net"]
-addresses = ["198.51.100.7/32"]
-ports = [{ number = 443, protocol = "TLS" }]
-resolution = "NONE"
-
 [[service_entry]]
 name = "backend"
 addresses = ["198.51.100.7/32"]
@@ -602,21 +596,16 @@ fn hello_timeout_denies_a_silent_client() {
 fn upstream_refused_gives_rst_or_502() {
     let mut px = Px::start(
         "",
-        r#"
-[[service_entry]]
-name = "closed-tls"
-hosts = ["api.example.com"]
-addresses = ["192.0.2.10/32"]
-ports = [{ number = 9, protocol = "TLS" }]
-resolution = "NONE"
-
-[[service_entry]]
-name = "closed-http"
-hosts = ["api.example.com"]
-addresses = ["192.0.2.10/32"]
-ports = [{ number = 8081, protocol = "HTTP" }]
-resolution = "NONE"
-"#,
+        concat!(
+            pinned_entry!("closed-tls", "api.example.com", "192.0.2.10/32", 9, "TLS"),
+            pinned_entry!(
+                "closed-http",
+                "api.example.com",
+                "192.0.2.10/32",
+                8081,
+                "HTTP"
+            ),
+        ),
     );
     let out = px.world.curl(&["-4", "-i", "http://api.example.com:8081/"]);
     assert!(out.ok().starts_with("HTTP/1.1 502 Bad Gateway"), "{out:?}");

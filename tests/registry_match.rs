@@ -109,6 +109,21 @@ fn c(
     }
 }
 
+/// A case the registry allows through entry `entry`, with no reason.
+fn allow(
+    dst: &'static str,
+    proto: Protocol,
+    name: Option<&'static str>,
+    entry: &'static str,
+) -> Case {
+    c(dst, proto, name, Decision::Allow, Some(entry), None)
+}
+
+/// A case the registry denies for `reason`, with no entry.
+fn deny(dst: &'static str, proto: Protocol, name: Option<&'static str>, reason: Reason) -> Case {
+    c(dst, proto, name, Decision::Deny, None, Some(reason))
+}
+
 fn run(reg: &Registry, cases: &[Case]) {
     assert!(!cases.is_empty());
     for (n, k) in cases.iter().enumerate() {
@@ -149,159 +164,88 @@ fn host_matching_rules() {
         &reg,
         &[
             // exact
-            c(
-                "192.0.2.10:443",
-                Tls,
-                Some("api.example.com"),
-                Allow,
-                Some("exact-api"),
-                None,
-            ),
+            allow("192.0.2.10:443", Tls, Some("api.example.com"), "exact-api"),
             // exact beats wildcard though the wildcard entry is earlier? (exact is earlier here, and also more specific)
-            c(
+            allow(
                 "192.0.2.10:443",
                 Tls,
                 Some("www.example.com"),
-                Allow,
-                Some("wild-example"),
-                None,
+                "wild-example",
             ),
             // wildcard depth: one or more labels
-            c(
+            allow(
                 "192.0.2.10:443",
                 Tls,
                 Some("a.b.c.example.com"),
-                Allow,
-                Some("wild-example"),
-                None,
+                "wild-example",
             ),
             // longest wildcard wins over an earlier shorter one
-            c(
-                "192.0.2.10:443",
-                Tls,
-                Some("x.eu.example.com"),
-                Allow,
-                Some("wild-deep"),
-                None,
-            ),
-            c(
+            allow("192.0.2.10:443", Tls, Some("x.eu.example.com"), "wild-deep"),
+            allow(
                 "192.0.2.10:443",
                 Tls,
                 Some("eu.example.com"),
-                Allow,
-                Some("wild-example"),
-                None,
+                "wild-example",
             ),
             // *.example.com never matches example.com itself, nor xexample.com
-            c(
+            deny(
                 "192.0.2.10:443",
                 Tls,
                 Some("example.com"),
-                Deny,
-                None,
-                Some(Reason::NotInRegistry),
+                Reason::NotInRegistry,
             ),
-            c(
+            deny(
                 "192.0.2.10:443",
                 Tls,
                 Some("xexample.com"),
-                Deny,
-                None,
-                Some(Reason::NotInRegistry),
+                Reason::NotInRegistry,
             ),
             // an exact apex entry does not cover subdomains
-            c(
+            deny(
                 "192.0.2.10:443",
                 Tls,
                 Some("www.example.org"),
-                Deny,
-                None,
-                Some(Reason::NotInRegistry),
+                Reason::NotInRegistry,
             ),
-            c(
-                "192.0.2.10:443",
-                Tls,
-                Some("example.org"),
-                Allow,
-                Some("apex-only"),
-                None,
-            ),
+            allow("192.0.2.10:443", Tls, Some("example.org"), "apex-only"),
             // protocol mismatch: an HTTP flow on a TLS-only port, a TLS flow on an HTTP port
-            c(
+            deny(
                 "192.0.2.10:443",
                 Http,
                 Some("api.example.com"),
-                Deny,
-                None,
-                Some(Reason::NotInRegistry),
+                Reason::NotInRegistry,
             ),
-            c(
-                "192.0.2.10:80",
-                Http,
-                Some("api.example.com"),
-                Allow,
-                Some("exact-api"),
-                None,
-            ),
-            c(
+            allow("192.0.2.10:80", Http, Some("api.example.com"), "exact-api"),
+            deny(
                 "192.0.2.10:80",
                 Tls,
                 Some("api.example.com"),
-                Deny,
-                None,
-                Some(Reason::NotInRegistry),
+                Reason::NotInRegistry,
             ),
-            c(
+            allow(
                 "192.0.2.10:8080",
                 Http,
                 Some("plain.example.com"),
-                Allow,
-                Some("http-only"),
-                None,
+                "http-only",
             ),
             // a name on the wrong port
-            c(
+            deny(
                 "192.0.2.10:8443",
                 Tls,
                 Some("api.example.com"),
-                Deny,
-                None,
-                Some(Reason::NotInRegistry),
+                Reason::NotInRegistry,
             ),
             // no name (opaque, IP literal, TLS without SNI)
-            c(
-                "192.0.2.10:443",
-                Tls,
-                None,
-                Deny,
-                None,
-                Some(Reason::NotInRegistry),
-            ),
-            c(
-                "192.0.2.10:443",
-                Tcp,
-                None,
-                Deny,
-                None,
-                Some(Reason::NotInRegistry),
-            ),
+            deny("192.0.2.10:443", Tls, None, Reason::NotInRegistry),
+            deny("192.0.2.10:443", Tcp, None, Reason::NotInRegistry),
             // ties go to the earlier entry
-            c(
-                "192.0.2.10:8443",
-                Tls,
-                Some("tie.example.io"),
-                Allow,
-                Some("tie-first"),
-                None,
-            ),
+            allow("192.0.2.10:8443", Tls, Some("tie.example.io"), "tie-first"),
             // unknown port
-            c(
+            deny(
                 "192.0.2.10:9999",
                 Tls,
                 Some("api.example.com"),
-                Deny,
-                None,
-                Some(Reason::NotInRegistry),
+                Reason::NotInRegistry,
             ),
         ],
     );
@@ -313,56 +257,39 @@ fn address_constraints_v4_v6_and_mapped() {
     run(
         &reg,
         &[
-            c(
-                "192.0.2.77:443",
-                Tls,
-                Some("pinned.example.net"),
-                Allow,
-                Some("pinned"),
-                None,
-            ),
-            c(
+            allow("192.0.2.77:443", Tls, Some("pinned.example.net"), "pinned"),
+            allow(
                 "[2001:db8::77]:443",
                 Tls,
                 Some("pinned.example.net"),
-                Allow,
-                Some("pinned"),
-                None,
+                "pinned",
             ),
             // IPv4-mapped IPv6 is IPv4
-            c(
+            allow(
                 "[::ffff:192.0.2.77]:443",
                 Tls,
                 Some("pinned.example.net"),
-                Allow,
-                Some("pinned"),
-                None,
+                "pinned",
             ),
             // the first entry's addresses refuse; a later entry with the same host admits
-            c(
+            allow(
                 "203.0.113.9:443",
                 Tls,
                 Some("pinned.example.net"),
-                Allow,
-                Some("pinned-second"),
-                None,
+                "pinned-second",
             ),
             // hosts matched but no entry admits D.ip
-            c(
+            deny(
                 "198.51.100.1:443",
                 Tls,
                 Some("pinned.example.net"),
-                Deny,
-                None,
-                Some(Reason::AddressMismatch),
+                Reason::AddressMismatch,
             ),
-            c(
+            deny(
                 "[2001:db9::1]:443",
                 Tls,
                 Some("pinned.example.net"),
-                Deny,
-                None,
-                Some(Reason::AddressMismatch),
+                Reason::AddressMismatch,
             ),
         ],
     );
@@ -374,42 +301,14 @@ fn tcp_entries_by_address() {
     run(
         &reg,
         &[
-            c("198.51.100.7:5432", Tcp, None, Allow, Some("db"), None),
-            c(
-                "[::ffff:198.51.100.7]:5432",
-                Tcp,
-                None,
-                Allow,
-                Some("db"),
-                None,
-            ),
-            c("198.51.100.8:5432", Tcp, None, Allow, Some("db-wide"), None),
-            c("[2001:db8:5::9]:5432", Tcp, None, Allow, Some("db"), None),
-            c(
-                "[2001:db8:6::9]:5432",
-                Tcp,
-                None,
-                Deny,
-                None,
-                Some(Reason::NotInRegistry),
-            ),
-            c(
-                "192.0.2.1:5432",
-                Tcp,
-                None,
-                Deny,
-                None,
-                Some(Reason::NotInRegistry),
-            ),
+            allow("198.51.100.7:5432", Tcp, None, "db"),
+            allow("[::ffff:198.51.100.7]:5432", Tcp, None, "db"),
+            allow("198.51.100.8:5432", Tcp, None, "db-wide"),
+            allow("[2001:db8:5::9]:5432", Tcp, None, "db"),
+            deny("[2001:db8:6::9]:5432", Tcp, None, Reason::NotInRegistry),
+            deny("192.0.2.1:5432", Tcp, None, Reason::NotInRegistry),
             // a TCP entry matches whatever the client sends on its port
-            c(
-                "198.51.100.7:5432",
-                Tls,
-                Some("anything.example"),
-                Allow,
-                Some("db"),
-                None,
-            ),
+            allow("198.51.100.7:5432", Tls, Some("anything.example"), "db"),
         ],
     );
     // decided by address, before any detection

@@ -374,51 +374,43 @@ fn reset(s: TcpStream) {
     drop(s);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn upstream_reset_mid_stream_resets_client() {
+/// One side (the upstream if `upstream_aborts`, else the client) resets while both
+/// directions are busy; the relay must end with `want` and reset the other side.
+async fn reset_mid_stream_resets_peer(upstream_aborts: bool, want: fn(&RelayEnd) -> bool) {
     let _serial = SERIAL.lock().await;
     for mode in [SPLICE, COPY] {
         let pool = PipePool::new(8, DEFAULT_PIPE_SIZE);
         let w = world(mode, &pool, LONG).await;
-        let (cr, cw) = w.client.into_split();
-        let client_reader = tokio::spawn(drain(cr));
-        let client_writer = tokio::spawn(flood(cw));
-        let mut server = w.server;
-        // Both directions busy, then the upstream aborts.
-        server.write_all(&pattern(4 * MIB as usize)).await.unwrap();
+        let (mut aborter, peer) = if upstream_aborts {
+            (w.server, w.client)
+        } else {
+            (w.client, w.server)
+        };
+        let (pr, pw) = peer.into_split();
+        let peer_reader = tokio::spawn(drain(pr));
+        let peer_writer = tokio::spawn(flood(pw));
+        // Both directions busy, then one side aborts.
+        aborter.write_all(&pattern(4 * MIB as usize)).await.unwrap();
         let mut some = vec![0u8; 2 * MIB as usize];
-        server.read_exact(&mut some).await.unwrap();
-        reset(server);
+        aborter.read_exact(&mut some).await.unwrap();
+        reset(aborter);
         let end = ended(w.relay).await;
-        assert!(matches!(end, RelayEnd::UpstreamReset), "{mode:?}: {end}");
-        let (_, read) = client_reader.await.unwrap();
-        let write = client_writer.await.unwrap();
+        assert!(want(&end), "{mode:?}: {end}");
+        let (_, read) = peer_reader.await.unwrap();
+        let write = peer_writer.await.unwrap();
         assert_saw_reset(mode, read, write);
         assert_eq!(pool.in_use(), 0);
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_reset_mid_stream_resets_client() {
+    reset_mid_stream_resets_peer(true, |e| matches!(e, RelayEnd::UpstreamReset)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_reset_mid_stream_resets_upstream() {
-    let _serial = SERIAL.lock().await;
-    for mode in [SPLICE, COPY] {
-        let pool = PipePool::new(8, DEFAULT_PIPE_SIZE);
-        let w = world(mode, &pool, LONG).await;
-        let (sr, sw) = w.server.into_split();
-        let server_reader = tokio::spawn(drain(sr));
-        let server_writer = tokio::spawn(flood(sw));
-        let mut client = w.client;
-        client.write_all(&pattern(4 * MIB as usize)).await.unwrap();
-        let mut some = vec![0u8; 2 * MIB as usize];
-        client.read_exact(&mut some).await.unwrap();
-        reset(client);
-        let end = ended(w.relay).await;
-        assert!(matches!(end, RelayEnd::ClientReset), "{mode:?}: {end}");
-        let (_, read) = server_reader.await.unwrap();
-        let write = server_writer.await.unwrap();
-        assert_saw_reset(mode, read, write);
-        assert_eq!(pool.in_use(), 0);
-    }
+    reset_mid_stream_resets_peer(false, |e| matches!(e, RelayEnd::ClientReset)).await;
 }
 
 /// The client sent its request and half-closed; while the upstream is silent, the client

@@ -121,6 +121,27 @@ ports = [{ number = 443, protocol = "TLS" }]
 }
 pub(crate) use files_entry;
 
+/// A `[[service_entry]]` of resolution NONE: `name` for `host`, only at `address`, on one
+/// port (a literal, like [`api_entry`]).
+macro_rules! pinned_entry {
+    ($name:literal, $host:literal, $address:literal, $port:literal, $protocol:literal) => {
+        concat!(
+            "\n[[service_entry]]\nname = \"",
+            $name,
+            "\"\nhosts = [\"",
+            $host,
+            "\"]\naddresses = [\"",
+            $address,
+            "\"]\nports = [{ number = ",
+            $port,
+            ", protocol = \"",
+            $protocol,
+            "\" }]\nresolution = \"NONE\"\n"
+        )
+    };
+}
+pub(crate) use pinned_entry;
+
 /// Asserts that the access-log line `l` holds each `(field, string value)`,
 /// all compared at once; a miss names the whole line.
 #[track_caller]
