@@ -5,7 +5,7 @@
 //!
 //! The phases before the relay run in their own boxed future, freed when the
 //! relay starts: an idle flow keeps only the relay's state and its record,
-//! not the detection's and the connect's (docs/DESIGN.md §5).
+//! not the detection's and the connect's (docs/DESIGN.md, "The pipeline of one flow").
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -137,14 +137,7 @@ pub(crate) async fn handle(
         bytes: (up_bytes, down_bytes),
         _port,
     } = relay;
-    let on_bytes = |dir, n| match dir {
-        Direction::Up => {
-            up_bytes.inc_by(n);
-        }
-        Direction::Down => {
-            down_bytes.inc_by(n);
-        }
-    };
+    let on_bytes = byte_hook(&up_bytes, &down_bytes);
     let entry = log.rec.entry.as_deref().unwrap_or(PASSTHROUGH);
     let (error, reset_by) = relay_to_end(
         &shared,
@@ -160,6 +153,16 @@ pub(crate) async fn handle(
     log.rec.reset_by = reset_by;
 }
 
+/// The relay's hook for an entry's `portcullis_bytes_total` counters.
+fn byte_hook<'c>(up: &'c Counter, down: &'c Counter) -> impl Fn(Direction, u64) + Send + Sync + 'c {
+    move |dir, n| {
+        match dir {
+            Direction::Up => up.inc_by(n),
+            Direction::Down => down.inc_by(n),
+        };
+    }
+}
+
 /// The label of a relayed flow that no entry matched (ALLOW_ANY, audit):
 /// what `Registry::entry_label` calls it.
 const PASSTHROUGH: &str = "Passthrough";
@@ -168,14 +171,7 @@ impl Relay<'_> {
     /// The relay phase: until the flow ends or is closed from outside.
     async fn run(self, shared: &Shared, log: &mut FlowLog) {
         let (up_bytes, down_bytes) = &self.bytes;
-        let on_bytes = |dir, n| match dir {
-            Direction::Up => {
-                up_bytes.inc_by(n);
-            }
-            Direction::Down => {
-                down_bytes.inc_by(n);
-            }
-        };
+        let on_bytes = byte_hook(up_bytes, down_bytes);
         let (client, upstream, idle) = (self.client, self.upstream, self.idle_timeout);
         let entry = log.rec.entry.as_deref().unwrap_or(PASSTHROUGH);
         let (error, reset_by) = relay_to_end(

@@ -275,33 +275,56 @@ impl<'a, F: Fn(Direction, u64)> Machine<'a, F> {
         self
     }
 
-    /// `Ready` once nothing moved for the idle timeout.
+    /// `Ready` once nothing moved for the idle timeout. The timer is armed once and, like
+    /// [`Meter::idle`], moved on only when it fires after bytes moved: a busy flow costs no
+    /// timer work per poll.
     fn poll_idle(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         loop {
+            let Some(t) = &mut self.timer else {
+                let last = self.flow.last_ms.load(Ordering::Relaxed);
+                let Some(deadline) = self.idle_deadline(last) else {
+                    return Poll::Pending;
+                };
+                self.timer = Some(Box::pin(tokio::time::sleep_until(deadline)));
+                self.armed_for = last;
+                continue;
+            };
+            ready!(t.as_mut().poll(cx));
             let last = self.flow.last_ms.load(Ordering::Relaxed);
-            let deadline =
-                (self.flow.epoch + Duration::from_millis(last)).checked_add(self.idle_timeout);
-            let Some(deadline) = deadline else {
+            if last == self.armed_for {
+                return Poll::Ready(());
+            }
+            let Some(deadline) = self.idle_deadline(last) else {
                 return Poll::Pending;
             };
-            match &mut self.timer {
-                None => {
-                    self.timer = Some(Box::pin(tokio::time::sleep_until(deadline)));
-                    self.armed_for = last;
-                }
-                Some(t) if self.armed_for != last => {
-                    t.as_mut().reset(deadline);
-                    self.armed_for = last;
-                }
-                Some(t) => {
-                    ready!(t.as_mut().poll(cx));
-                    if self.flow.last_ms.load(Ordering::Relaxed) == last {
-                        return Poll::Ready(());
-                    }
-                }
+            if let Some(t) = &mut self.timer {
+                t.as_mut().reset(deadline);
             }
+            self.armed_for = last;
         }
     }
+
+    /// When the flow is idle if nothing moves after `last` (ms after the epoch); `None` for a
+    /// timeout too large to reach.
+    fn idle_deadline(&self, last: u64) -> Option<tokio::time::Instant> {
+        (self.flow.epoch + Duration::from_millis(last)).checked_add(self.idle_timeout)
+    }
+}
+
+/// Polls the error watcher of a side once it is `needed` (made then, kept after).
+fn poll_watch<'a>(
+    slot: &mut Option<Watch<'a>>,
+    needed: bool,
+    sock: &'a TcpStream,
+    side: Side,
+    cx: &mut Context<'_>,
+) -> Poll<Fault> {
+    if !needed && slot.is_none() {
+        return Poll::Pending;
+    }
+    slot.get_or_insert_with(|| Box::pin(watch_error(sock, side)))
+        .as_mut()
+        .poll(cx)
 }
 
 impl<F: Fn(Direction, u64) + Sync> Future for Machine<'_, F> {
@@ -332,21 +355,25 @@ impl<F: Fn(Direction, u64) + Sync> Future for Machine<'_, F> {
         // A side that no pump is reading (its direction ended, or is waiting to write to the
         // other side) would see an RST only at the next write to it: it is watched for errors
         // from then on (a watcher is made once, so an idle flow never has one).
-        if this.up.done || !matches!(this.up.state, State::Wait) {
-            let w = this
-                .watch_client
-                .get_or_insert_with(|| Box::pin(watch_error(client, Side::Client)));
-            if let Poll::Ready(f) = w.as_mut().poll(cx) {
-                return Poll::Ready(RelayEnd::from(f));
-            }
+        let client_unread = this.up.done || !matches!(this.up.state, State::Wait);
+        if let Poll::Ready(f) = poll_watch(
+            &mut this.watch_client,
+            client_unread,
+            client,
+            Side::Client,
+            cx,
+        ) {
+            return Poll::Ready(RelayEnd::from(f));
         }
-        if this.down.done || !matches!(this.down.state, State::Wait) {
-            let w = this
-                .watch_upstream
-                .get_or_insert_with(|| Box::pin(watch_error(upstream, Side::Upstream)));
-            if let Poll::Ready(f) = w.as_mut().poll(cx) {
-                return Poll::Ready(RelayEnd::from(f));
-            }
+        let upstream_unread = this.down.done || !matches!(this.down.state, State::Wait);
+        if let Poll::Ready(f) = poll_watch(
+            &mut this.watch_upstream,
+            upstream_unread,
+            upstream,
+            Side::Upstream,
+            cx,
+        ) {
+            return Poll::Ready(RelayEnd::from(f));
         }
         if let Some(c) = &mut this.closed {
             if let Poll::Ready(why) = c.as_mut().poll(cx) {
