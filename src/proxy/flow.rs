@@ -403,7 +403,7 @@ async fn ready<'s>(
     down_bytes.inc_by(log.counters.down());
     let idle_timeout = gen.config().proxy.idle_timeout;
     if !first.is_empty() {
-        let wrote = tokio::time::timeout(idle_timeout, upstream.write_all(&first)).await;
+        let wrote = tokio::time::timeout(idle_timeout, write_first(&mut upstream, &first)).await;
         let timed_out = |_| {
             Err(std::io::Error::new(
                 std::io::ErrorKind::TimedOut,
@@ -428,6 +428,21 @@ async fn ready<'s>(
         bytes: (up_bytes, down_bytes),
         _port: port,
     })
+}
+
+/// Writes the first bytes upstream. A socket just connected has room for
+/// them, but tokio has not yet seen its writable event (and would wait a turn
+/// of the event loop for it): so one send(2) goes first, directly, and tokio
+/// writes only what that left.
+async fn write_first(upstream: &mut TcpStream, first: &[u8]) -> std::io::Result<()> {
+    use nix::sys::socket::{send, MsgFlags};
+    use std::os::fd::AsRawFd;
+    let sent = match send(upstream.as_raw_fd(), first, MsgFlags::MSG_NOSIGNAL) {
+        Ok(n) => n,
+        Err(nix::errno::Errno::EAGAIN) => 0,
+        Err(e) => return Err(e.into()),
+    };
+    upstream.write_all(&first[sent..]).await
 }
 
 /// Reads the client's first bytes until the detector decides, the deadline
