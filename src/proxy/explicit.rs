@@ -148,7 +148,6 @@ async fn accept_loop(shared: Arc<Shared>, ctx: Arc<Explicit>, listener: TcpListe
         let c = ctx.clone();
         tokio::spawn(async move {
             let _guard = guard;
-            let _ = stream.set_nodelay(true);
             let span = tracing::debug_span!("explicit", client = %peer, listener = %local);
             let conn = Box::pin(handle(s, c, stream, peer));
             tracing::Instrument::instrument(conn, span).await;

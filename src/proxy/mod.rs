@@ -76,6 +76,9 @@ fn bind_std(addr: SocketAddr, reuse_port: bool) -> io::Result<std::net::TcpListe
     if addr.is_ipv6() {
         sock.set_only_v6(true)?;
     }
+    // Accepted sockets inherit TCP_NODELAY from their listener (Linux copies the listener's TCP
+    // state into each child): set once here rather than by a setsockopt per flow.
+    sock.set_tcp_nodelay(true)?;
     sock.bind(&addr.into())?;
     sock.listen(4096)?;
     Ok(sock.into())
@@ -141,7 +144,6 @@ pub async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
                     continue;
                 };
                 let s = shared.clone();
-                let _ = stream.set_nodelay(true);
                 let id = NEXT_FLOW_ID.fetch_add(1, Ordering::Relaxed);
                 let span = tracing::debug_span!("flow", id, client = %peer, listener = %local);
                 // The task is the flow's future itself: no wrapper future
@@ -172,4 +174,29 @@ fn overload(shared: &Arc<Shared>, stream: tokio::net::TcpStream, peer: SocketAdd
     let why = format!("max_connections ({}) reached", shared.max_connections);
     log.refused(&gen.registry, &Verdict::refused(Reason::Overload), why);
     deny::reset(stream);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Both kinds of listener hand out sockets with Nagle off, without a
+    /// setsockopt per accepted flow: the listener's TCP_NODELAY is inherited.
+    #[tokio::test]
+    async fn accepted_sockets_inherit_tcp_nodelay() {
+        let loopback: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        let shared = bind_listeners(&[loopback]).unwrap().remove(0);
+        let worker = bind_worker_listeners(&[loopback], 1)
+            .unwrap()
+            .remove(0)
+            .remove(0);
+        let worker = TcpListener::from_std(worker).unwrap();
+        for l in [&shared, &worker] {
+            let addr = l.local_addr().unwrap();
+            let client = tokio::net::TcpStream::connect(addr).await.unwrap();
+            assert!(!client.nodelay().unwrap(), "a socket starts with Nagle on");
+            let (accepted, _) = l.accept().await.unwrap();
+            assert!(accepted.nodelay().unwrap(), "accepted on {addr}");
+        }
+    }
 }
