@@ -60,12 +60,8 @@ fn spawn_workers(
     sets: Vec<Vec<std::net::TcpListener>>,
 ) -> Result<(), RunError> {
     for (i, set) in sets.into_iter().enumerate() {
-        // I/O and timers only: signals and child processes belong to the control runtime, and a
-        // runtime with the signal driver checks for exited children at every park (measured:
-        // ~0.25 µs of user time per flow at churn concurrency 1, bench/README.md).
         let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_io()
-            .enable_time()
+            .enable_all()
             .build()
             .map_err(RunError::Runtime)?;
         let shared = shared.clone();
