@@ -20,12 +20,16 @@
 #   BENCH_WORK  scratch directory (configs, logs, the Envoy venv), default /var/tmp/portcullis-bench
 #   BENCH_NICE  niceness of everything the benchmark runs, default -10 (0: unchanged)
 #   NO_INSTALL=1  do not install missing peers (only what TARGETS and WORKLOADS use is required)
+#   ROTATE      run the targets starting at the K-th of TARGETS (0-based, wrapping), default 0:
+#               the targets run in turn, so a load that drifts within a run favours one place
+#               in the order; three runs with ROTATE=0, 1, 2 put each target first once
 set -euo pipefail
 
 BENCH=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(dirname "$BENCH")
 TARGETS=${TARGETS:-"direct portcullis envoy haproxy nginx portcullis-copy8k portcullis-copy256k tokio-splice"}
 WORKLOADS=${WORKLOADS:-"bulk bulk16 churn memory"}
+ROTATE=${ROTATE:-0}
 BULK_BYTES=${BULK_BYTES:-4G}
 BULK_FLOWS=${BULK_FLOWS:-16}
 CHURN_SECS=${CHURN_SECS:-5}
@@ -689,6 +693,17 @@ background_busy() {
 
 # ---------------------------------------------------------------------------------------------
 
+# rotated K WORDS...: the words starting at the K-th (0-based, wrapping).
+rotated() {
+  local k=$1
+  shift
+  local n=$#
+  [ "$n" -gt 0 ] || return 0
+  local words=("$@") out=() i
+  for ((i = 0; i < n; i++)); do out+=("${words[$(((i + k) % n))]}"); done
+  echo "${out[*]}"
+}
+
 main() {
   mkdir -p "$RUN_DIR" "$BENCH/results"
   chmod 755 "$BENCH_WORK" "$RUN_DIR"
@@ -699,7 +714,11 @@ main() {
   bg0=$(background_busy)
   log "background CPU busy before: $bg0"
   : >"$res_file"
-  for t in $TARGETS; do
+  local order
+  [[ $ROTATE =~ ^[0-9]+$ ]] || die "ROTATE must be a number, not '$ROTATE'"
+  order=$(rotated "$ROTATE" $TARGETS)
+  log "order: $order"
+  for t in $order; do
     log "== $t"
     start_target "$t"
     local parts=("\"policy\":$(policy)")
@@ -733,6 +752,7 @@ main() {
   local out=$BENCH/results/$RUN_ID.json
   python3 "$BENCH/report.py" collect "$res_file" "$out" \
     --meta run_id="$RUN_ID" background_busy_before="$bg0" background_busy_after="$bg1" \
+    order="$order" \
     bulk_bytes="$BULK_BYTES" bulk_flows="$BULK_FLOWS" churn_secs="$CHURN_SECS" \
     churn_conc="$CHURN_CONC" idle_flows="$IDLE_FLOWS" hello="$(basename "$HELLO")" \
     envoy="$([ -z "$ENVOY" ] || "$ENVOY" --version | grep -o '[0-9]*\.[0-9]*\.[0-9]*/Clean' | cut -d/ -f1)" \
