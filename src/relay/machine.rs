@@ -71,6 +71,11 @@ impl<'p> Pump<'p> {
         }
     }
 
+    /// Nobody is reading this direction's source: it ended, or waits to write to dst.
+    fn source_unread(&self) -> bool {
+        self.done || !matches!(self.state, State::Wait)
+    }
+
     /// Moves what can be moved now; `Ready(Ok)` at src's EOF (passed on to dst).
     fn poll_move<F: Fn(Direction, u64)>(
         &mut self,
@@ -333,18 +338,16 @@ impl<F: Fn(Direction, u64) + Sync> Future for Machine<'_, F> {
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<RelayEnd> {
         let this = self.get_mut();
         let (client, upstream, pool, flow) = (this.client, this.upstream, this.pool, this.flow);
-        if !this.up.done {
-            if let Poll::Ready(r) = this.up.poll_move(cx, client, upstream, pool, flow) {
-                match r {
-                    Ok(()) => this.up.done = true,
-                    Err(f) => return Poll::Ready(RelayEnd::from(f)),
-                }
+        for (pump, src, dst) in [
+            (&mut this.up, client, upstream),
+            (&mut this.down, upstream, client),
+        ] {
+            if pump.done {
+                continue;
             }
-        }
-        if !this.down.done {
-            if let Poll::Ready(r) = this.down.poll_move(cx, upstream, client, pool, flow) {
+            if let Poll::Ready(r) = pump.poll_move(cx, src, dst, pool, flow) {
                 match r {
-                    Ok(()) => this.down.done = true,
+                    Ok(()) => pump.done = true,
                     Err(f) => return Poll::Ready(RelayEnd::from(f)),
                 }
             }
@@ -355,25 +358,23 @@ impl<F: Fn(Direction, u64) + Sync> Future for Machine<'_, F> {
         // A side that no pump is reading (its direction ended, or is waiting to write to the
         // other side) would see an RST only at the next write to it: it is watched for errors
         // from then on (a watcher is made once, so an idle flow never has one).
-        let client_unread = this.up.done || !matches!(this.up.state, State::Wait);
-        if let Poll::Ready(f) = poll_watch(
-            &mut this.watch_client,
-            client_unread,
-            client,
-            Side::Client,
-            cx,
-        ) {
-            return Poll::Ready(RelayEnd::from(f));
-        }
-        let upstream_unread = this.down.done || !matches!(this.down.state, State::Wait);
-        if let Poll::Ready(f) = poll_watch(
-            &mut this.watch_upstream,
-            upstream_unread,
-            upstream,
-            Side::Upstream,
-            cx,
-        ) {
-            return Poll::Ready(RelayEnd::from(f));
+        for (slot, needed, sock, side) in [
+            (
+                &mut this.watch_client,
+                this.up.source_unread(),
+                client,
+                Side::Client,
+            ),
+            (
+                &mut this.watch_upstream,
+                this.down.source_unread(),
+                upstream,
+                Side::Upstream,
+            ),
+        ] {
+            if let Poll::Ready(f) = poll_watch(slot, needed, sock, side, cx) {
+                return Poll::Ready(RelayEnd::from(f));
+            }
         }
         if let Some(c) = &mut this.closed {
             if let Poll::Ready(why) = c.as_mut().poll(cx) {
