@@ -668,3 +668,50 @@ mod size_tests {
         assert!(size <= 1280, "flow::handle future grew to {size} bytes");
     }
 }
+
+#[cfg(test)]
+mod write_first_tests {
+    use tokio::io::AsyncReadExt;
+
+    /// More than a direct send can hand the kernel at once (a receiver with
+    /// a small window that reads late): what the send leaves goes through
+    /// tokio, and every byte arrives once, in order.
+    #[tokio::test]
+    async fn what_the_direct_send_leaves_is_written_through_tokio() {
+        let l = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        l.set_recv_buffer_size(4096).unwrap();
+        let any: std::net::SocketAddr = "127.0.0.1:0".parse().unwrap();
+        l.bind(&any.into()).unwrap();
+        l.listen(1).unwrap();
+        l.set_nonblocking(true).unwrap();
+        let l = tokio::net::TcpListener::from_std(l.into()).unwrap();
+        let mut up = tokio::net::TcpStream::connect(l.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (mut server, _) = l.accept().await.unwrap();
+        let first: Vec<u8> = (0..4 * 1024 * 1024u32).map(|i| (i % 251) as u8).collect();
+        let reader = tokio::spawn(async move {
+            let mut got = Vec::new();
+            server.read_to_end(&mut got).await.unwrap();
+            got
+        });
+        // The kernel takes only part of it now (the reader has not run yet):
+        // write_first then meets a full socket, and tokio writes the rest.
+        use std::os::fd::AsRawFd;
+        let taken = nix::sys::socket::send(
+            up.as_raw_fd(),
+            &first,
+            nix::sys::socket::MsgFlags::MSG_NOSIGNAL,
+        )
+        .unwrap();
+        assert!(
+            taken < first.len(),
+            "the socket took all {taken} bytes at once"
+        );
+        super::write_first(&mut up, &first[taken..]).await.unwrap();
+        drop(up);
+        let got = reader.await.unwrap();
+        assert_eq!(got.len(), first.len());
+        assert!(got == first, "bytes reordered or lost");
+    }
+}
